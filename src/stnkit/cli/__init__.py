@@ -1,0 +1,1 @@
+"""Command-line interface (``stnkit ...``): the top layer, free to import everything below."""
