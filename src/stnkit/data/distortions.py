@@ -1,0 +1,448 @@
+"""The distorted-MNIST tasks of Jaderberg et al., "Spatial Transformer Networks" (NeurIPS 2015).
+
+Appendix A.1 of the paper defines the distortions used for its Table 1:
+
+* **R** (``rotated``): a random rotation, uniform in [-90, 90] degrees;
+* **RTS** (``rts``): rotation uniform in [-45, 45] degrees, scale uniform in
+  [0.7, 1.2], and placement at a uniformly random location in a 42x42 image;
+* **P** (``projective``): scale uniform in [0.75, 1.0], then each of the four
+  corners moved by a zero-mean Gaussian of 5 pixels standard deviation;
+* **E** (``elastic``): scale uniform in [0.75, 1.0], then a thin-plate-spline
+  warp whose 16 control points, on a regular 4x4 grid, are moved by a
+  zero-mean Gaussian of 1.5 pixels standard deviation;
+
+plus translated-cluttered MNIST (**TC**, ``cluttered``): the digit at a random
+location in a 60x60 image with 6 random 6x6 fragments of other digits as clutter.
+Every choice the paper leaves open is written in ``docs/distorted_mnist_protocol.md``.
+
+All randomness comes from one :class:`numpy.random.Generator` seeded by the
+caller, drawn in a fixed order and vectorised over the batch, so the same
+images, task and seed always give the same output. The warps are backward maps
+sampled bilinearly with zero padding through :func:`stnkit.warp`, in the
+library's coordinate convention (:mod:`stnkit.transforms.base`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from os import PathLike
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stnkit.data.datasets import SPLITS, load_mnist
+from stnkit.sampling import warp
+from stnkit.transforms import Affine, Projective, ThinPlateSpline, homography_from_points
+
+__all__ = ["TaskSpec", "TASKS", "get_task", "distort", "DistortedMNIST", "SeedLike"]
+
+SeedLike = int | Sequence[int] | np.random.SeedSequence
+
+MNIST_SIZE = 28
+
+# Distribution parameters of Appendix A.1 (pixels are MNIST pixels).
+ROTATED_MAX_DEG = 90.0
+RTS_MAX_DEG = 45.0
+RTS_SCALE = (0.7, 1.2)
+RTS_SIZE = 42
+PE_SCALE = (0.75, 1.0)  # the scale drawn before the P and E warps
+PROJECTIVE_CORNER_STD_PX = 5.0
+ELASTIC_GRID = (4, 4)
+ELASTIC_POINT_STD_PX = 1.5
+CLUTTER_SIZE = 60
+CLUTTER_FRAGMENTS = 6
+CLUTTER_FRAGMENT_PX = 6
+
+# Images per call to the sampler: bounds the temporary grids at a few tens of MB.
+_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A distorted-MNIST task.
+
+    Attributes
+    ----------
+    name : str
+        Registry key, e.g. ``"rts"``.
+    code : str
+        The paper's abbreviation, e.g. ``"RTS"``.
+    size : int
+        Side of the square output canvas in pixels.
+    description : str
+        One line saying what the generator draws.
+    """
+
+    name: str
+    code: str
+    size: int
+    description: str
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("rotated", "R", MNIST_SIZE, "rotation uniform in [-90, 90] degrees about the image centre; 28x28"),
+        TaskSpec(
+            "rts",
+            "RTS",
+            RTS_SIZE,
+            "rotation uniform in [-45, 45] degrees, scale uniform in [0.7, 1.2], "
+            "placed uniformly at random wholly inside a 42x42 canvas",
+        ),
+        TaskSpec(
+            "projective",
+            "P",
+            MNIST_SIZE,
+            "scale uniform in [0.75, 1], then the four corners moved by N(0, 5 px) each; projective warp, 28x28",
+        ),
+        TaskSpec(
+            "elastic",
+            "E",
+            MNIST_SIZE,
+            "scale uniform in [0.75, 1], then a thin-plate spline whose 4x4 control points move by N(0, 1.5 px); 28x28",
+        ),
+        TaskSpec(
+            "cluttered",
+            "TC",
+            CLUTTER_SIZE,
+            "digit at a uniformly random position in a 60x60 canvas with 6 random 6x6 fragments of other digits",
+        ),
+    )
+}
+
+
+def get_task(task: str | TaskSpec) -> TaskSpec:
+    """Look up a task by name (a :class:`TaskSpec` is returned as is).
+
+    Raises
+    ------
+    ValueError
+        For an unknown name; the message lists the valid ones.
+
+    Examples
+    --------
+    >>> get_task("rts").size
+    42
+    """
+    if isinstance(task, TaskSpec):
+        return task
+    if not isinstance(task, str):
+        raise TypeError(f"task must be a task name, got {type(task).__name__}")
+    if task not in TASKS:
+        raise ValueError(f"unknown distorted-MNIST task {task!r}: expected one of {', '.join(TASKS)}")
+    return TASKS[task]
+
+
+# ------------------------------------------------------------------ helpers
+def _as_images(images: np.ndarray | Tensor) -> np.ndarray:
+    if isinstance(images, Tensor):
+        images = images.detach().cpu().numpy()
+    if not isinstance(images, np.ndarray):
+        raise TypeError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        raise TypeError(f"images must be uint8 (0..255), got dtype {images.dtype}")
+    if images.ndim != 3 or images.shape[1:] != (MNIST_SIZE, MNIST_SIZE):
+        raise ValueError(f"images must have shape (N, {MNIST_SIZE}, {MNIST_SIZE}), got {images.shape}")
+    return images
+
+
+def _rng(seed: SeedLike) -> np.random.Generator:
+    if isinstance(seed, (bool, str)) or not isinstance(seed, (int, Sequence, np.random.SeedSequence)):
+        raise TypeError(f"rng_seed must be an int, a sequence of ints or a SeedSequence, got {seed!r}")
+    if isinstance(seed, int) and seed < 0:
+        raise ValueError(f"rng_seed must be >= 0, got {seed}")
+    return np.random.default_rng(seed)
+
+
+def _rotation(angle_deg: np.ndarray) -> np.ndarray:
+    """``(N, 2, 2)`` matrices turning a picture counter-clockwise on screen (y points down)."""
+    a = np.deg2rad(angle_deg)
+    cos, sin = np.cos(a), np.sin(a)
+    return np.stack((np.stack((cos, sin), -1), np.stack((-sin, cos), -1)), -2)
+
+
+def _backward_affine(angle_deg: np.ndarray, scale: np.ndarray, centre: np.ndarray, out_size: int) -> Tensor:
+    """Affine ``theta`` of the backward map of "rotate and scale about the digit centre, move it to ``centre``".
+
+    Forward, in pixel coordinates (centres at integers): ``dst = centre + scale * R(angle) (src - c)``
+    with ``c`` the MNIST image centre; the backward map ``src = c + R(-angle) (dst - centre) / scale``
+    is returned in the library's normalised parametrisation.
+    """
+    c = (MNIST_SIZE - 1) / 2.0
+    inverse = np.swapaxes(_rotation(angle_deg), 1, 2) / scale[:, None, None]
+    matrix = np.zeros((len(angle_deg), 3, 3))
+    matrix[:, :2, :2] = inverse
+    matrix[:, :2, 2] = c - np.einsum("nij,nj->ni", inverse, centre)
+    matrix[:, 2, 2] = 1.0
+    size = (MNIST_SIZE, MNIST_SIZE), (out_size, out_size)
+    return Affine().from_pixels(torch.from_numpy(matrix), *size).float()
+
+
+def _convex(quads: np.ndarray) -> np.ndarray:
+    """Whether each ``(4, 2)`` quadrilateral, corners in order, is strictly convex with the square's orientation."""
+    edges = np.roll(quads, -1, axis=1) - quads
+    turns = edges[:, :, 0] * np.roll(edges, -1, axis=1)[:, :, 1] - edges[:, :, 1] * np.roll(edges, -1, axis=1)[:, :, 0]
+    return (turns > 0).all(axis=1)
+
+
+_SQUARE = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])  # clockwise on screen from top-left
+_PX = 2.0 / MNIST_SIZE  # one MNIST pixel in normalised units
+
+
+# -------------------------------------------------------------- generators
+# Each draws its parameters (in a fixed order) and returns (theta, transform, params);
+# the cluttered task needs no resampling and is built directly.
+def _draw_rotated(rng: np.random.Generator, n: int):
+    angle = rng.uniform(-ROTATED_MAX_DEG, ROTATED_MAX_DEG, n)
+    centre = np.full((n, 2), (MNIST_SIZE - 1) / 2.0)
+    theta = _backward_affine(angle, np.ones(n), centre, MNIST_SIZE)
+    return theta, Affine(), {"angle_deg": angle}
+
+
+def _draw_rts(rng: np.random.Generator, n: int):
+    angle = rng.uniform(-RTS_MAX_DEG, RTS_MAX_DEG, n)
+    scale = rng.uniform(*RTS_SCALE, n)
+    # The scaled 28x28 frame (side 28 s <= 33.6) must lie wholly inside the canvas:
+    # its centre ranges over [14 s - 0.5, 41.5 - 14 s] in pixel-centre coordinates.
+    half = MNIST_SIZE * scale / 2.0
+    low, high = half - 0.5, RTS_SIZE - 0.5 - half
+    centre = low[:, None] + (high - low)[:, None] * rng.uniform(0.0, 1.0, (n, 2))
+    theta = _backward_affine(angle, scale, centre, RTS_SIZE)
+    return theta, Affine(), {"angle_deg": angle, "scale": scale, "centre": centre}
+
+
+def _draw_projective(rng: np.random.Generator, n: int):
+    scale = rng.uniform(*PE_SCALE, n)
+    offsets = rng.normal(0.0, PROJECTIVE_CORNER_STD_PX, (n, 4, 2))
+    # A quad that folds over has no sensible homography: redraw its offsets
+    # (conditioning the Gaussian on a valid warp; it happens to ~1 in 10^4).
+    while True:
+        quads = scale[:, None, None] * _SQUARE + offsets * _PX
+        bad = ~_convex(quads)
+        if not bad.any():
+            break
+        offsets[bad] = rng.normal(0.0, PROJECTIVE_CORNER_STD_PX, (int(bad.sum()), 4, 2))
+    # Forward: the square's corners go to `quads`; the backward map takes them back.
+    square = torch.from_numpy(np.broadcast_to(_SQUARE, quads.shape).copy())
+    matrix = homography_from_points(torch.from_numpy(quads), square)
+    transform = Projective()
+    return transform.from_matrix(matrix).float(), transform, {"scale": scale, "corner_offsets_px": offsets}
+
+
+_TPS = ThinPlateSpline(grid_size=ELASTIC_GRID)
+
+
+def _draw_elastic(rng: np.random.Generator, n: int):
+    scale = rng.uniform(*PE_SCALE, n)
+    offsets = rng.normal(0.0, ELASTIC_POINT_STD_PX, (n, ELASTIC_GRID[0] * ELASTIC_GRID[1], 2))
+    # Backward map: output control point p_k samples the input at (p_k + d_k) / s, i.e. the
+    # spline through the perturbed points followed by the inverse of the scaling. Dividing a
+    # spline by s is the spline through the divided values, so one TPS does both exactly.
+    points = _TPS.control_points(dtype=torch.float64).numpy()
+    theta = (points + offsets * _PX) / scale[:, None, None] - points
+    theta = torch.from_numpy(theta.reshape(n, -1)).float()
+    return theta, _TPS, {"scale": scale, "control_offsets_px": offsets}
+
+
+def _cluttered(images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    n = len(images)
+    frag, size, reach = CLUTTER_FRAGMENT_PX, CLUTTER_SIZE, CLUTTER_SIZE - MNIST_SIZE
+    digit_at = rng.integers(0, reach + 1, (n, 2))  # top-left (x, y) of the 28x28 frame
+    # Fragments come from *other* images of the batch: a random non-zero shift of the index.
+    source = (np.arange(n)[:, None] + rng.integers(1, max(n, 2), (n, CLUTTER_FRAGMENTS))) % n
+    crop_at = rng.integers(0, MNIST_SIZE - frag + 1, (n, CLUTTER_FRAGMENTS, 2))
+    paste_at = rng.integers(0, size - frag + 1, (n, CLUTTER_FRAGMENTS, 2))
+
+    canvas = np.zeros((n, size, size), dtype=np.uint8)
+    rows = np.arange(n)[:, None, None]
+    span = np.arange(MNIST_SIZE)
+    canvas[rows, digit_at[:, 1, None, None] + span[:, None], digit_at[:, 0, None, None] + span] = images
+    f = np.arange(frag)
+    for k in range(CLUTTER_FRAGMENTS):
+        # One fragment per image per round, so the fancy-indexed writes never collide.
+        piece = images[
+            source[:, k, None, None], crop_at[:, k, 1, None, None] + f[:, None], crop_at[:, k, 0, None, None] + f
+        ]
+        ys, xs = paste_at[:, k, 1, None, None] + f[:, None], paste_at[:, k, 0, None, None] + f
+        # Maximum, not overwrite: clutter never erases the digit's strokes.
+        canvas[rows, ys, xs] = np.maximum(canvas[rows, ys, xs], piece)
+    params = {"digit_offset": digit_at, "fragment_source": source, "fragment_crop": crop_at, "fragment_offset": paste_at}
+    return canvas, params
+
+
+_GENERATORS = {"rotated": _draw_rotated, "rts": _draw_rts, "projective": _draw_projective, "elastic": _draw_elastic}
+
+
+def distort(
+    images: np.ndarray | Tensor,
+    task: str | TaskSpec,
+    rng_seed: SeedLike,
+    *,
+    return_params: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, np.ndarray]]:
+    """Distort MNIST digits as in Appendix A.1 of Jaderberg et al. (2015).
+
+    Implements the paper's R, RTS, P and E generators and translated-cluttered
+    MNIST (see the module docstring and ``docs/distorted_mnist_protocol.md``).
+
+    Parameters
+    ----------
+    images : numpy.ndarray or torch.Tensor
+        ``uint8`` digits of shape ``(N, 28, 28)``.
+    task : str or TaskSpec
+        One of :data:`TASKS`: ``"rotated"``, ``"rts"``, ``"projective"``, ``"elastic"``, ``"cluttered"``.
+    rng_seed : int, sequence of int or numpy.random.SeedSequence
+        Seed of the generator drawing every random parameter. The same
+        images, task and seed always give the same output.
+    return_params : bool
+        Also return the parameters drawn for each image (angles in degrees,
+        scales, offsets in pixels; keys depend on the task).
+
+    Returns
+    -------
+    torch.Tensor
+        ``float32`` of shape ``(N, 1, S, S)`` in ``[0, 1]``, ``S = TASKS[task].size``.
+    dict of numpy.ndarray
+        Only with ``return_params``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown task (listing the valid ones) or images of the wrong shape.
+    TypeError
+        For images that are not uint8, or a seed that is not an integer seed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> digits = np.zeros((2, 28, 28), dtype=np.uint8)
+    >>> distort(digits, "rts", rng_seed=0).shape
+    torch.Size([2, 1, 42, 42])
+    """
+    spec = get_task(task)
+    images = _as_images(images)
+    rng = _rng(rng_seed)
+    n = len(images)
+    if spec.name == "cluttered":
+        canvas, params = _cluttered(images, rng)
+        out = torch.from_numpy(canvas).unsqueeze(1).float().div_(255.0)
+        return (out, params) if return_params else out
+
+    theta, transform, params = _GENERATORS[spec.name](rng, n)
+    out = torch.empty(n, 1, spec.size, spec.size)
+    source = torch.from_numpy(images).unsqueeze(1)
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        batch = source[start:stop].float().div_(255.0)
+        out[start:stop] = warp(batch, theta[start:stop], transform, out_size=(spec.size, spec.size))
+    # Bilinear weights are convex, so only float rounding can leave [0, 1].
+    out.clamp_(0.0, 1.0)
+    return (out, params) if return_params else out
+
+
+class DistortedMNIST:
+    """A distorted-MNIST split, regenerated each training epoch.
+
+    The training split is redrawn every epoch from the seed ``seed + epoch``;
+    the test split is drawn once, from ``seed``, and is the same for every
+    epoch. Keep the test seed fixed (the default 0) to compare runs.
+
+    Parameters
+    ----------
+    task : str
+        One of :data:`TASKS`.
+    split : {"train", "test"}
+    root : str or os.PathLike, optional
+        Data root for :func:`stnkit.data.datasets.load_mnist` (ignored when ``images`` is given).
+    seed : int
+        Base seed, ``>= 0``.
+    images, labels : numpy.ndarray, optional
+        Use these ``uint8 (N, 28, 28)`` digits and their labels instead of loading MNIST
+        (e.g. :func:`stnkit.data.digits.load_digit_sample`).
+
+    Examples
+    --------
+    >>> from stnkit.data.digits import load_digit_sample
+    >>> images, labels = load_digit_sample("test")
+    >>> data = DistortedMNIST("rts", "test", images=images, labels=labels)
+    >>> x, y = data.epoch(0)
+    >>> x.shape, y.dtype
+    (torch.Size([2000, 1, 42, 42]), torch.int64)
+    """
+
+    def __init__(
+        self,
+        task: str,
+        split: str = "train",
+        root: str | PathLike | None = None,
+        seed: int = 0,
+        images: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+    ) -> None:
+        self.spec = get_task(task)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if (images is None) != (labels is None):
+            raise ValueError("give both images and labels, or neither (to load MNIST)")
+        if images is None:
+            images, labels = load_mnist(split, root)
+        images = _as_images(images)
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be {len(images)} integers, got {labels.dtype} array of shape {labels.shape}")
+        self.task = self.spec.name
+        self.split = split
+        self.seed = seed
+        self.images = images
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self._fixed: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def size(self) -> int:
+        """Side of the output images."""
+        return self.spec.size
+
+    def epoch_seed(self, epoch_index: int) -> np.random.SeedSequence:
+        """The seed of an epoch: ``seed + epoch`` for train, ``seed`` for test.
+
+        The split is mixed in as a second word, so a train epoch and the test
+        set never share their random draws.
+        """
+        if isinstance(epoch_index, bool) or not isinstance(epoch_index, int) or epoch_index < 0:
+            raise ValueError(f"epoch_index must be an integer >= 0, got {epoch_index!r}")
+        if self.split == "test":
+            return np.random.SeedSequence([self.seed, 1])
+        return np.random.SeedSequence([self.seed + epoch_index, 0])
+
+    def epoch(self, epoch_index: int = 0) -> tuple[Tensor, Tensor]:
+        """The distorted images and labels of one epoch.
+
+        Returns
+        -------
+        x : torch.Tensor
+            ``float32 (N, 1, S, S)`` in ``[0, 1]``. For the test split this is
+            the same cached tensor every call: do not modify it in place.
+        y : torch.Tensor
+            ``int64 (N,)``.
+
+        Examples
+        --------
+        >>> x, y = DistortedMNIST("rotated", "train").epoch(3)  # doctest: +SKIP
+        """
+        seed = self.epoch_seed(epoch_index)
+        if self.split == "test":
+            if self._fixed is None:
+                self._fixed = distort(self.images, self.spec, seed)
+            return self._fixed, self.labels
+        return distort(self.images, self.spec, seed), self.labels
+
+    def __repr__(self) -> str:
+        return f"DistortedMNIST(task={self.task!r}, split={self.split!r}, seed={self.seed}, n={len(self)})"
