@@ -333,8 +333,10 @@ class ThinPlateSpline(Transform):
         Notes
         -----
         Exact at the control points; in between, the composite of two splines
-        is not a spline, and the result is its spline interpolant (the error
-        grows with the curvature of the warps).
+        is not a spline, and the result is its spline interpolant. The error
+        there is second order in the size of the warps: about 0.03 (normalised
+        units) for random offsets of standard deviation 0.05 on a 4x4 lattice,
+        a quarter of that at half the size.
 
         Examples
         --------
@@ -362,11 +364,13 @@ class ThinPlateSpline(Transform):
         Accuracy: the iteration converges when the displacement ``T(q) - q``
         is a contraction, i.e. its Jacobian has norm below 1 (moderate,
         non-folding warps); the error at the control points then shrinks by
-        that factor each iteration (below ``1e-6`` for offsets of ~0.1 on a
-        4x4 lattice). Between control points the inverse is the spline through
-        the ``z_k``, so ``compose(inverse(theta), theta)`` and the dense warps
-        match only to the spline's interpolation error. A warp that folds has
-        no inverse and the iteration need not converge.
+        that factor each iteration (to rounding error for random offsets of
+        standard deviation 0.1 on a 4x4 lattice). Between control points the
+        inverse is the spline through the ``z_k``, so ``T(T_inverse(q)) = q``
+        and ``compose(inverse(theta), theta) = 0`` hold only to second order in
+        the warp size: within about 0.02 normalised units for offsets of
+        standard deviation 0.05 on a 4x4 lattice. A warp that folds has no
+        inverse and the iteration need not converge.
 
         Examples
         --------
