@@ -22,6 +22,7 @@ Models must never be trained on ``"heldout"``.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -235,6 +236,12 @@ def _load_with_pillow(path: Path, max_pixels: int | None) -> np.ndarray | None:
         except UnidentifiedImageError:
             return None
         except Image.DecompressionBombError as exc:
+            # Pillow refuses at open (before our check) above twice its own limit.
+            hard_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+            if max_pixels is not None and max_pixels < hard_limit:
+                count = re.search(r"\((\d+) pixels\)", str(exc))
+                size = f"{count.group(1)} pixels" if count else f"more than {hard_limit} pixels"
+                raise ValueError(f"{path}: image is {size}, above the limit of max_pixels={max_pixels}") from None
             raise ValueError(f"{path}: refused as a decompression bomb by Pillow ({exc})") from None
         except (OSError, SyntaxError, EOFError, struct.error) as exc:
             # Truncated or corrupt data surfaces as one of these from the decoders.
