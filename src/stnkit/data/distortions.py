@@ -4,7 +4,8 @@ Appendix A.1 of the paper defines the distortions used for its Table 1:
 
 * **R** (``rotated``): a random rotation, uniform in [-90, 90] degrees;
 * **RTS** (``rts``): rotation uniform in [-45, 45] degrees, scale uniform in
-  [0.7, 1.2], and placement at a uniformly random location in a 42x42 image;
+  [0.7, 1.2], and placement at a uniformly random location in a 42x42 image
+  (here: uniform over the positions that keep all of the digit's ink inside);
 * **P** (``projective``): scale uniform in [0.75, 1.0], then each of the four
   corners moved by a zero-mean Gaussian of 5 pixels standard deviation;
 * **E** (``elastic``): scale uniform in [0.75, 1.0], then a thin-plate-spline
@@ -193,28 +194,53 @@ _PX = 2.0 / MNIST_SIZE  # one MNIST pixel in normalised units
 
 
 # -------------------------------------------------------------- generators
-# Each draws its parameters (in a fixed order) and returns (theta, transform, params);
-# the cluttered task needs no resampling and is built directly.
-def _draw_rotated(rng: np.random.Generator, n: int):
+# Each draws its parameters (in a fixed order, the same number of draws whatever the
+# images hold) and returns (theta, transform, params); the cluttered task needs no
+# resampling and is built directly.
+def _draw_rotated(rng: np.random.Generator, images: np.ndarray):
+    n = len(images)
     angle = rng.uniform(-ROTATED_MAX_DEG, ROTATED_MAX_DEG, n)
     centre = np.full((n, 2), (MNIST_SIZE - 1) / 2.0)
     theta = _backward_affine(angle, np.ones(n), centre, MNIST_SIZE)
     return theta, Affine(), {"angle_deg": angle}
 
 
-def _draw_rts(rng: np.random.Generator, n: int):
+def _ink_footprints(images: np.ndarray) -> np.ndarray:
+    """``(N, 4, 2)`` corners of each image's ink bounding box, grown by the 1-pixel reach of bilinear sampling.
+
+    Pixel-centre coordinates; a blank image gets its whole frame.
+    """
+    cols, rows = images.any(axis=1), images.any(axis=2)  # (N, 28): columns / rows holding ink
+    last = MNIST_SIZE - 1
+    x0, x1 = cols.argmax(1), last - cols[:, ::-1].argmax(1)
+    y0, y1 = rows.argmax(1), last - rows[:, ::-1].argmax(1)
+    blank = ~cols.any(1)
+    x0[blank], y0[blank], x1[blank], y1[blank] = 0, 0, last, last
+    x0, y0, x1, y1 = x0 - 1.0, y0 - 1.0, x1 + 1.0, y1 + 1.0
+    return np.stack([np.stack(c, -1) for c in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))], 1)
+
+
+def _draw_rts(rng: np.random.Generator, images: np.ndarray):
+    n = len(images)
     angle = rng.uniform(-RTS_MAX_DEG, RTS_MAX_DEG, n)
     scale = rng.uniform(*RTS_SCALE, n)
-    # The scaled 28x28 frame (side 28 s <= 33.6) must lie wholly inside the canvas:
-    # its centre ranges over [14 s - 0.5, 41.5 - 14 s] in pixel-centre coordinates.
-    half = MNIST_SIZE * scale / 2.0
-    low, high = half - 0.5, RTS_SIZE - 0.5 - half
-    centre = low[:, None] + (high - low)[:, None] * rng.uniform(0.0, 1.0, (n, 2))
+    position = rng.uniform(0.0, 1.0, (n, 2))
+    # Where the digit's ink lands relative to the image centre, after rotation and scaling.
+    c = (MNIST_SIZE - 1) / 2.0
+    linear = _rotation(angle) * scale[:, None, None]
+    corners = np.einsum("nij,nkj->nki", linear, _ink_footprints(images) - c)
+    low = -0.5 - corners.min(axis=1)  # (N, 2): range of the centre that keeps all ink on the canvas
+    high = RTS_SIZE - 0.5 - corners.max(axis=1)
+    # A digit too big for the canvas (never for MNIST: at most ~37 px) is centred instead.
+    too_big = low > high
+    low[too_big] = high[too_big] = ((low + high) / 2.0)[too_big]
+    centre = low + (high - low) * position
     theta = _backward_affine(angle, scale, centre, RTS_SIZE)
     return theta, Affine(), {"angle_deg": angle, "scale": scale, "centre": centre}
 
 
-def _draw_projective(rng: np.random.Generator, n: int):
+def _draw_projective(rng: np.random.Generator, images: np.ndarray):
+    n = len(images)
     scale = rng.uniform(*PE_SCALE, n)
     offsets = rng.normal(0.0, PROJECTIVE_CORNER_STD_PX, (n, 4, 2))
     # A quad that folds over has no sensible homography: redraw its offsets
@@ -235,7 +261,8 @@ def _draw_projective(rng: np.random.Generator, n: int):
 _TPS = ThinPlateSpline(grid_size=ELASTIC_GRID)
 
 
-def _draw_elastic(rng: np.random.Generator, n: int):
+def _draw_elastic(rng: np.random.Generator, images: np.ndarray):
+    n = len(images)
     scale = rng.uniform(*PE_SCALE, n)
     offsets = rng.normal(0.0, ELASTIC_POINT_STD_PX, (n, ELASTIC_GRID[0] * ELASTIC_GRID[1], 2))
     # Backward map: output control point p_k samples the input at (p_k + d_k) / s, i.e. the
@@ -331,7 +358,7 @@ def distort(
         out = torch.from_numpy(canvas).unsqueeze(1).float().div_(255.0)
         return (out, params) if return_params else out
 
-    theta, transform, params = _GENERATORS[spec.name](rng, n)
+    theta, transform, params = _GENERATORS[spec.name](rng, images)
     out = torch.empty(n, 1, spec.size, spec.size)
     source = torch.from_numpy(images).unsqueeze(1)
     for start in range(0, n, _CHUNK):
