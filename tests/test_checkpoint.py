@@ -65,7 +65,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, 
 def test_registry_builds_and_stores_config():
     model = build_model({"kind": "test-ckpt-convnet", "channels": 2})
     assert model[0].out_channels == 2
-    assert model.stnkit_config == {"kind": "test-ckpt-convnet", "channels": 2}
+    assert model.stnkit_config == {"kind": "test-ckpt-convnet", "channels": 2, "classes": 3}  # defaults filled in
     assert model_config(model) == model.stnkit_config
     assert "test-ckpt-convnet" in model_kinds()
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-__all__ = ["register_model", "build_model", "model_kinds", "model_config", "CONFIG_ATTRIBUTE"]
+__all__ = ["register_model", "build_model", "resolve_config", "model_kinds", "model_config", "CONFIG_ATTRIBUTE"]
 
 #: Name of the module attribute that holds the config a model was built from.
 CONFIG_ATTRIBUTE = "stnkit_config"
@@ -90,7 +90,7 @@ def model_kinds() -> list[str]:
 
 
 def build_model(config: Mapping[str, Any]) -> nn.Module:
-    """Build a model from ``config``; the config is stored on it as ``stnkit_config``.
+    """Build a model from ``config``; the full config is stored on it as ``stnkit_config``.
 
     Parameters
     ----------
@@ -101,7 +101,9 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     Returns
     -------
     nn.Module
-        The freshly built (randomly initialised) model.
+        The freshly built (randomly initialised) model. Its ``stnkit_config`` is
+        ``resolve_config(config)``: the builder's defaults are filled in, so a
+        checkpoint keeps its architecture even if a default changes later.
 
     Raises
     ------
@@ -115,33 +117,62 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     --------
     >>> model = build_model({"kind": "doc-linear", "in_features": 8})
     >>> model.stnkit_config
-    {'kind': 'doc-linear', 'in_features': 8}
+    {'kind': 'doc-linear', 'in_features': 8, 'out_features': 2}
+    """
+    stored = resolve_config(config)
+    kind = stored["kind"]
+    model = _BUILDERS[kind](**{key: value for key, value in stored.items() if key != "kind"})
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"builder for model kind {kind!r} returned {type(model).__name__}, not an nn.Module")
+    setattr(model, CONFIG_ATTRIBUTE, stored)
+    return model
+
+
+def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``config`` against its builder and return it complete, as stored in checkpoints.
+
+    The builder's (JSON-serialisable) defaults are filled in and the values are
+    normalised as JSON reads them back (tuples become lists), so two configs
+    that build the same model compare equal.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`build_model`.
+
+    Examples
+    --------
+    >>> resolve_config({"kind": "doc-linear"})
+    {'kind': 'doc-linear', 'in_features': 4, 'out_features': 2}
     """
     if not isinstance(config, Mapping):
         raise TypeError(f"model config must be a dict, got {type(config).__name__}")
     kind = config.get("kind")
     if not isinstance(kind, str):
-        raise ValueError(f"model config needs a string 'kind' entry, got {config!r}")
+        raise ValueError(f"model config needs a string 'kind' entry, got {dict(config)!r}")
     if kind not in _BUILDERS:
         _import_builtin_builders()
     if kind not in _BUILDERS:
         known = ", ".join(sorted(_BUILDERS)) or "(none)"
         raise ValueError(f"unknown model kind {kind!r}; known kinds: {known}")
 
-    stored = _normalised(config)
-    builder = _BUILDERS[kind]
-    kwargs = {key: value for key, value in stored.items() if key != "kind"}
+    given = _normalised(config)
+    signature = inspect.signature(_BUILDERS[kind])
     try:
-        # Check the keys before calling, so that a TypeError raised inside the
-        # builder is not mistaken for a bad config.
-        inspect.signature(builder).bind(**kwargs)
+        # Checked before calling, so that a TypeError raised inside the builder
+        # is not mistaken for a bad config.
+        signature.bind(**{key: value for key, value in given.items() if key != "kind"})
     except TypeError as exc:
         raise TypeError(f"config for model kind {kind!r} does not fit its builder: {exc}") from None
-    model = builder(**kwargs)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"builder for model kind {kind!r} returned {type(model).__name__}, not an nn.Module")
-    setattr(model, CONFIG_ATTRIBUTE, stored)
-    return model
+    complete = {"kind": kind}
+    for name, parameter in signature.parameters.items():
+        if name in given:
+            complete[name] = given[name]
+        elif parameter.default is not inspect.Parameter.empty and _is_json(parameter.default):
+            complete[name] = parameter.default
+    # Extra keys accepted by a **kwargs builder.
+    complete.update((key, value) for key, value in given.items() if key not in complete)
+    return _normalised(complete)
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
@@ -154,8 +185,8 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 
     Examples
     --------
-    >>> model_config(build_model({"kind": "doc-linear"}))
-    {'kind': 'doc-linear'}
+    >>> model_config(build_model({"kind": "doc-linear"}))["out_features"]
+    2
     """
     config = getattr(model, CONFIG_ATTRIBUTE, None)
     if not isinstance(config, dict):
@@ -171,6 +202,14 @@ def _normalised(config: Mapping[str, Any]) -> dict[str, Any]:
         return json.loads(json.dumps(dict(config), allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"model config must be JSON-serialisable (numbers, strings, lists, dicts): {exc}") from None
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _import_builtin_builders() -> None:

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stnkit.models.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from stnkit.models.registry import build_model
+from stnkit.models.registry import build_model, resolve_config
 from stnkit.models.registry import model_config as stored_model_config
 from stnkit.training.metrics_log import MetricsLog
 from stnkit.training.plots import plot_learning_curve
@@ -284,7 +284,7 @@ class Trainer:
         first element is the logits).
     model_config : dict or None
         The model's config (see :func:`~stnkit.models.build_model`); None takes
-        the one stored on the model.
+        the one stored on the model. Its kind must be registered.
     train_epoch_fn : callable
         ``train_epoch_fn(epoch) -> (x, y)``: all training images and integer
         labels of that epoch.
@@ -321,9 +321,8 @@ class Trainer:
         self.config = config if config is not None else TrainConfig()
         if not isinstance(self.config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(self.config).__name__}")
-        self.model_config = _json_normalised(
-            stored_model_config(model) if model_config is None else dict(model_config), "model_config"
-        )
+        # Completed with the builder's defaults, so that equal architectures compare equal on resume.
+        self.model_config = stored_model_config(model) if model_config is None else resolve_config(model_config)
         self.run_info = _json_normalised(dict(run_info or {}), "run_info")
         self.device = _resolve_device(self.config.device)
         self.model = model.to(self.device)
@@ -349,6 +348,7 @@ class Trainer:
         self._metrics: MetricsLog | None = None
         self._clock_start = 0.0
         self._elapsed_at_start = 0.0
+        self._last_plot_time = 0.0
 
     @classmethod
     def resume(
@@ -374,7 +374,9 @@ class Trainer:
         state = checkpoint.trainer_state or {}
         if "train_config" not in state:
             raise ValueError(f"{last}: not a training checkpoint (no trainer state)")
-        settings = {**state["train_config"], **overrides, "out_dir": str(out_dir), "resume": True, "overwrite": False}
+        # max_steps ended the earlier session; it is not part of the run.
+        settings = {**state["train_config"], "max_steps": None, **overrides}
+        settings.update(out_dir=str(out_dir), resume=True, overwrite=False)
         model = build_model(checkpoint.config)
         return cls(model, checkpoint.config, train_epoch_fn, test_data, TrainConfig.from_dict(settings), run_info=state.get("run_info"))
 
@@ -394,6 +396,7 @@ class Trainer:
         if self.out_dir is not None:
             self._metrics = MetricsLog(self.out_dir / METRICS_FILE, keep_until_step=self.step if config.resume else None)
         self._clock_start, self._elapsed_at_start = time.perf_counter(), self.elapsed
+        self._last_plot_time = self._clock_start
 
         stopped = False
         while self.epoch < config.epochs and not stopped:
@@ -431,7 +434,7 @@ class Trainer:
             self.epoch += 1
             self.batch_in_epoch = 0
             self._save_last()
-            self._plot()
+            self._plot(at_most_every_s=30.0)
         self._plot()
         return TrainResult(
             steps=self.step,
@@ -641,10 +644,15 @@ class Trainer:
         model_state = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
         self._good_state = (model_state, copy.deepcopy(self.optimizer.state_dict()))
 
-    def _plot(self) -> None:
-        if self.out_dir is not None and self._metrics is not None:
-            rows_path = self.out_dir / METRICS_FILE
-            plot_learning_curve(rows_path, self.out_dir / CURVE_FILE, title=self.model_config.get("kind"))
+    def _plot(self, at_most_every_s: float = 0.0) -> None:
+        # Drawing takes about a second, so during a run the curve is refreshed
+        # at most every `at_most_every_s` seconds; fit() always draws it at the end.
+        if self.out_dir is None or self._metrics is None:
+            return
+        if time.perf_counter() - self._last_plot_time < at_most_every_s:
+            return
+        plot_learning_curve(self.out_dir / METRICS_FILE, self.out_dir / CURVE_FILE, title=self.model_config.get("kind"))
+        self._last_plot_time = time.perf_counter()
 
     # --- small helpers ----------------------------------------------------------
 
