@@ -84,7 +84,12 @@ class DisplacementField(Transform):
     The coarse field is upsampled to the output pixel centres by bicubic
     interpolation (smooth, exact at the nodes). The velocity field is
     upsampled first and then integrated at the output resolution, with
-    bilinear resampling and border padding in every squaring.
+    bilinear resampling and border padding in every squaring; the integrated
+    grid therefore depends slightly on the output size. The flow of a smooth
+    velocity never folds, but a very large velocity can compress regions
+    below a pixel, where finite differences of the discrete grid may show a
+    negative Jacobian although the continuous map has none (on a 4x4 lattice,
+    random velocities of standard deviation 0.35 stay positive at 32x32).
 
     Examples
     --------
@@ -206,7 +211,10 @@ class DisplacementField(Transform):
         Plain fields: the new node offsets are
         ``c_k = second_k + u_first(n_k + second_k)``, with ``u_first`` sampled
         bicubically on the coarse lattice. Exact at the nodes; between them the
-        composite is replaced by its bicubic interpolant (approximate).
+        composite is replaced by its bicubic interpolant (approximate), with an
+        error second order in the size of the warps: about 0.02 (normalised
+        units) for random offsets of standard deviation 0.04 on a 5x5 lattice,
+        a quarter of that at half the size.
 
         Diffeomorphic fields: the velocities are added, the first term of the
         Baker-Campbell-Hausdorff series. Exact when the two flows commute
@@ -246,8 +254,10 @@ class DisplacementField(Transform):
         ``z = n_k - theta_k``. It converges when ``u`` is a contraction (its
         Jacobian has norm below 1: moderate warps that do not fold), with the
         error at the nodes shrinking by that factor each iteration; between
-        nodes the result is the bicubic interpolant of the inverse, so it is
-        approximate there. A folding field has no inverse.
+        nodes the result is the bicubic interpolant of the inverse, so
+        ``T(T_inverse(q)) = q`` holds there only to second order in the warp
+        size (about 0.02 normalised units for random offsets of standard
+        deviation 0.04 on a 5x5 lattice). A folding field has no inverse.
 
         Examples
         --------
