@@ -235,6 +235,8 @@ def _load_with_pillow(path: Path, max_pixels: int | None) -> np.ndarray | None:
                 return _pil_to_uint8(img)
         except UnidentifiedImageError:
             return None
+        except (PermissionError, FileNotFoundError):
+            raise  # not the file's fault: keep the OS error as it is
         except Image.DecompressionBombError as exc:
             # Pillow refuses at open (before our check) above twice its own limit.
             hard_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
