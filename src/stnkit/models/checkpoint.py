@@ -141,7 +141,7 @@ def save_checkpoint(
     >>> folder = tempfile.mkdtemp()
     >>> path = save_checkpoint(f"{folder}/m.safetensors", model)
     >>> load_checkpoint(path).config
-    {'kind': 'doc-ckpt-linear'}
+    {'kind': 'doc-ckpt-linear', 'n': 3}
     """
     path = Path(path)
     if not isinstance(model, nn.Module):

@@ -82,6 +82,10 @@ def model_kinds() -> list[str]:
 
     Examples
     --------
+    >>> from torch import nn
+    >>> @register_model("doc-linear")
+    ... def build_linear(in_features: int = 4, out_features: int = 2) -> nn.Module:
+    ...     return nn.Linear(in_features, out_features)
     >>> "doc-linear" in model_kinds()
     True
     """
@@ -115,6 +119,10 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
 
     Examples
     --------
+    >>> from torch import nn
+    >>> @register_model("doc-linear")
+    ... def build_linear(in_features: int = 4, out_features: int = 2) -> nn.Module:
+    ...     return nn.Linear(in_features, out_features)
     >>> model = build_model({"kind": "doc-linear", "in_features": 8})
     >>> model.stnkit_config
     {'kind': 'doc-linear', 'in_features': 8, 'out_features': 2}
@@ -142,6 +150,10 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     Examples
     --------
+    >>> from torch import nn
+    >>> @register_model("doc-linear")
+    ... def build_linear(in_features: int = 4, out_features: int = 2) -> nn.Module:
+    ...     return nn.Linear(in_features, out_features)
     >>> resolve_config({"kind": "doc-linear"})
     {'kind': 'doc-linear', 'in_features': 4, 'out_features': 2}
     """
@@ -185,6 +197,10 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 
     Examples
     --------
+    >>> from torch import nn
+    >>> @register_model("doc-linear")
+    ... def build_linear(in_features: int = 4, out_features: int = 2) -> nn.Module:
+    ...     return nn.Linear(in_features, out_features)
     >>> model_config(build_model({"kind": "doc-linear"}))["out_features"]
     2
     """
@@ -217,10 +233,11 @@ def _import_builtin_builders() -> None:
     global _BUILTINS_IMPORTED
     if _BUILTINS_IMPORTED:
         return
-    _BUILTINS_IMPORTED = True
     package = importlib.import_module("stnkit.models")
     for info in pkgutil.iter_modules(package.__path__, prefix="stnkit.models."):
         importlib.import_module(info.name)
+    # Only now: a failed import is raised again on the next call, not hidden.
+    _BUILTINS_IMPORTED = True
 
 
 def _qualified_name(function: Callable[..., Any]) -> str:
