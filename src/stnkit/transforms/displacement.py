@@ -266,10 +266,10 @@ class DisplacementField(Transform):
         [-0.25, -0.25]
         """
         field = self.field(theta)
-        if self.diffeomorphic:
-            return -theta
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"DisplacementField: iterations must be an integer >= 0, got {iterations!r}")
+        if self.diffeomorphic:
+            return -theta
         inverse_field = -field
         for _ in range(iterations):
             inverse_field = -self._sample_at_moved_nodes(field, inverse_field)
