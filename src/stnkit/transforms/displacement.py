@@ -148,7 +148,7 @@ class DisplacementField(Transform):
         [[4.0, 5.0], [6.0, 7.0]]
         """
         theta = self.check_theta(theta)
-        return theta.view(theta.shape[0], 2, *self.grid_size)
+        return theta.reshape(theta.shape[0], 2, *self.grid_size)
 
     # ---------------------------------------------------------------- maps
     def displacement(self, theta: Tensor, out_size: Sequence[int]) -> Tensor:
@@ -189,7 +189,7 @@ class DisplacementField(Transform):
     def _identity_and_displacement(self, theta: Tensor, out_size: Size) -> tuple[Tensor, Tensor]:
         """Identity grid ``(1, H, W, 2)`` and displacement ``(B, H, W, 2)``, in the working dtype (autocast off)."""
         dtype = work_dtype(theta.dtype)
-        field = theta.to(dtype).view(theta.shape[0], 2, *self.grid_size)
+        field = theta.to(dtype).reshape(theta.shape[0], 2, *self.grid_size)
         identity = _identity_grid(out_size, device=theta.device, dtype=dtype)
         displacement = _sample_nodes(field, identity.expand(field.shape[0], -1, -1, -1))
         if self.diffeomorphic:

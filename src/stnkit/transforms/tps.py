@@ -288,7 +288,7 @@ class ThinPlateSpline(Transform):
         dtype = work_dtype(theta.dtype)
         with full_precision(theta.device.type):
             base, operator = self._grid_operator(out_size, theta.device, dtype)
-            offsets = theta.to(dtype).view(theta.shape[0], self.num_control_points, 2)
+            offsets = theta.to(dtype).reshape(theta.shape[0], self.num_control_points, 2)
             points = base + operator @ offsets  # (B, H*W, 2)
         return points.view(theta.shape[0], out_size[0], out_size[1], 2).to(output_dtype(theta))
 
@@ -314,7 +314,7 @@ class ThinPlateSpline(Transform):
         promoted = torch.promote_types(theta.dtype, points.dtype)
         dtype = work_dtype(promoted)
         with full_precision(theta.device.type):
-            offsets = theta.to(dtype).view(theta.shape[0], self.num_control_points, 2)
+            offsets = theta.to(dtype).reshape(theta.shape[0], self.num_control_points, 2)
             coefficients = self._solution(theta.device, dtype) @ offsets  # (B, K + 3, 2)
             points_work = points.to(dtype)
             rows = _design_rows(points_work, self.control_points(device=theta.device, dtype=dtype))
@@ -382,7 +382,7 @@ class ThinPlateSpline(Transform):
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"ThinPlateSpline: iterations must be an integer >= 0, got {iterations!r}")
         control = self.control_points(device=theta.device, dtype=theta.dtype).unsqueeze(0)
-        offsets = theta.view(theta.shape[0], self.num_control_points, 2)
+        offsets = theta.reshape(theta.shape[0], self.num_control_points, 2)
         source = control - offsets
         for _ in range(iterations):
             source = control - (self.transform_points(theta, source) - source)
