@@ -65,6 +65,13 @@ class TestSmoke:
         assert grid.dtype == dtype
         assert torch.equal(grid, identity_grid((5, 7), dtype).expand(2, -1, -1, -1))
 
+    def test_non_contiguous_theta(self):
+        transform = DisplacementField((4, 4))
+        theta = (torch.randn(transform.num_params, 2, dtype=torch.float64) * 0.1).T  # (2, 32), not contiguous
+        assert not theta.is_contiguous()
+        torch.testing.assert_close(transform.grid(theta, (5, 6)), transform.grid(theta.contiguous(), (5, 6)))
+        torch.testing.assert_close(transform.inverse(theta), transform.inverse(theta.contiguous()))
+
     def test_config_round_trip(self):
         field = DisplacementField((6, 4), diffeomorphic=True, integration_steps=5)
         config = json.loads(json.dumps(field.config()))

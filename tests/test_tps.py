@@ -48,6 +48,13 @@ class TestSmoke:
         expected = [[-1, -1], [0, -1], [1, -1], [-1, 1], [0, 1], [1, 1]]
         assert points.tolist() == expected
 
+    def test_non_contiguous_theta(self):
+        transform = ThinPlateSpline((4, 4))
+        theta = (torch.randn(transform.num_params, 2, dtype=torch.float64) * 0.1).T  # (2, 32), not contiguous
+        assert not theta.is_contiguous()
+        torch.testing.assert_close(transform.grid(theta, (5, 6)), transform.grid(theta.contiguous(), (5, 6)))
+        torch.testing.assert_close(transform.inverse(theta), transform.inverse(theta.contiguous()))
+
     def test_config_round_trip(self):
         tps = ThinPlateSpline((3, 5), regularisation=0.25)
         config = json.loads(json.dumps(tps.config()))
