@@ -35,7 +35,7 @@ from torch import Tensor
 
 from stnkit.data.datasets import SPLITS, load_mnist
 from stnkit.sampling import warp
-from stnkit.transforms import Affine, Projective, ThinPlateSpline, homography_from_points
+from stnkit.transforms import Affine, Projective, ThinPlateSpline
 
 __all__ = ["TaskSpec", "TASKS", "get_task", "distort", "DistortedMNIST", "SeedLike"]
 
@@ -50,6 +50,7 @@ RTS_SCALE = (0.7, 1.2)
 RTS_SIZE = 42
 PE_SCALE = (0.75, 1.0)  # the scale drawn before the P and E warps
 PROJECTIVE_CORNER_STD_PX = 5.0
+PROJECTIVE_MIN_ANGLE_DEG = 10.0  # not in the paper: see _draw_projective
 ELASTIC_GRID = (4, 4)
 ELASTIC_POINT_STD_PX = 1.5
 CLUTTER_SIZE = 60
@@ -182,14 +183,20 @@ def _backward_affine(angle_deg: np.ndarray, scale: np.ndarray, centre: np.ndarra
     return Affine().from_pixels(torch.from_numpy(matrix), *size).float()
 
 
-def _convex(quads: np.ndarray) -> np.ndarray:
-    """Whether each ``(4, 2)`` quadrilateral, corners in order, is strictly convex with the square's orientation."""
-    edges = np.roll(quads, -1, axis=1) - quads
-    turns = edges[:, :, 0] * np.roll(edges, -1, axis=1)[:, :, 1] - edges[:, :, 1] * np.roll(edges, -1, axis=1)[:, :, 0]
-    return (turns > 0).all(axis=1)
+def _well_shaped(quads: np.ndarray) -> np.ndarray:
+    """Whether each ``(4, 2)`` quadrilateral (corners in order) is convex, oriented like the
+    square, and has every interior angle within ``[PROJECTIVE_MIN_ANGLE_DEG, 180 - that]``."""
+    into = quads - np.roll(quads, 1, axis=1)  # edge arriving at each corner
+    out = np.roll(quads, -1, axis=1) - quads  # edge leaving it
+    cross = into[..., 0] * out[..., 1] - into[..., 1] * out[..., 0]
+    dot = (into * out).sum(-1)
+    turn = np.degrees(np.arctan2(cross, dot))  # exterior angle; 180 - turn is the interior angle
+    return ((turn >= PROJECTIVE_MIN_ANGLE_DEG) & (turn <= 180.0 - PROJECTIVE_MIN_ANGLE_DEG)).all(axis=1)
 
 
-_SQUARE = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])  # clockwise on screen from top-left
+# Image corners in normalised coordinates, in the order of Projective("corners"): clockwise on screen from top-left.
+_SQUARE = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+_CORNERS = Projective("corners")
 _PX = 2.0 / MNIST_SIZE  # one MNIST pixel in normalised units
 
 
@@ -243,19 +250,19 @@ def _draw_projective(rng: np.random.Generator, images: np.ndarray):
     n = len(images)
     scale = rng.uniform(*PE_SCALE, n)
     offsets = rng.normal(0.0, PROJECTIVE_CORNER_STD_PX, (n, 4, 2))
-    # A quad that folds over has no sensible homography: redraw its offsets
-    # (conditioning the Gaussian on a valid warp; it happens to ~1 in 10^4).
+    # Backward map, as the ST's own projective grid generator parametrises it (and as the
+    # elastic task below): output corner c samples the input at (c + offset) / scale.
+    # A quad that folds over has no sensible homography, and one with a corner near 0 or
+    # 180 degrees squeezes the digit to a sliver: redraw those offsets, i.e. condition
+    # the Gaussian on a usable warp (about 0.6% of draws).
     while True:
-        quads = scale[:, None, None] * _SQUARE + offsets * _PX
-        bad = ~_convex(quads)
+        quads = (_SQUARE + offsets * _PX) / scale[:, None, None]
+        bad = ~_well_shaped(quads)
         if not bad.any():
             break
         offsets[bad] = rng.normal(0.0, PROJECTIVE_CORNER_STD_PX, (int(bad.sum()), 4, 2))
-    # Forward: the square's corners go to `quads`; the backward map takes them back.
-    square = torch.from_numpy(np.broadcast_to(_SQUARE, quads.shape).copy())
-    matrix = homography_from_points(torch.from_numpy(quads), square)
-    transform = Projective()
-    return transform.from_matrix(matrix).float(), transform, {"scale": scale, "corner_offsets_px": offsets}
+    theta = torch.from_numpy((quads - _SQUARE).reshape(n, 8)).float()
+    return theta, _CORNERS, {"scale": scale, "corner_offsets_px": offsets}
 
 
 _TPS = ThinPlateSpline(grid_size=ELASTIC_GRID)
@@ -270,7 +277,7 @@ def _draw_elastic(rng: np.random.Generator, images: np.ndarray):
     # spline by s is the spline through the divided values, so one TPS does both exactly.
     points = _TPS.control_points(dtype=torch.float64).numpy()
     theta = (points + offsets * _PX) / scale[:, None, None] - points
-    theta = torch.from_numpy(theta.reshape(n, -1)).float()
+    theta = torch.from_numpy(theta.reshape(n, _TPS.num_params)).float()
     return theta, _TPS, {"scale": scale, "control_offsets_px": offsets}
 
 
