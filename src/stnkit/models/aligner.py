@@ -18,6 +18,7 @@ pixels: ``support_pix_from_input_pix`` (pixel centres at integers), so that
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -268,7 +269,7 @@ class Aligner(nn.Module):
         return F.interpolate(gray, size=self.size, mode="bilinear", align_corners=False, antialias=True)
 
     @classmethod
-    def pretrained(cls, name: str = SHIPPED_ALIGNER, map_location: str | torch.device = "cpu") -> "Aligner":
+    def pretrained(cls, name: str | os.PathLike[str] = SHIPPED_ALIGNER, map_location: str | torch.device = "cpu") -> "Aligner":
         """Load a shipped aligner (default ``"aligner-projective"``) or a checkpoint path, in eval mode.
 
         Raises
@@ -282,8 +283,15 @@ class Aligner(nn.Module):
         --------
         >>> aligner = Aligner.pretrained()  # doctest: +SKIP
         """
-        from stnkit.models.checkpoint import load_model
+        from pathlib import Path
 
+        from stnkit.models.checkpoint import load_checkpoint, load_model
+
+        if Path(name).is_file():
+            # Check the kind before building anything from the file.
+            kind = load_checkpoint(name).config.get("kind")
+            if kind != "aligner":
+                raise ValueError(f"{name}: holds a model of kind {kind!r}, not an aligner")
         model = load_model(name, map_location=map_location)
         if not isinstance(model, cls):
             kind = getattr(model, "stnkit_config", {}).get("kind", type(model).__name__)
