@@ -72,7 +72,7 @@ def overlay_picture(support: np.ndarray, input: np.ndarray, aligned: np.ndarray,
     --------
     >>> a = np.zeros((20, 30), np.uint8)
     >>> overlay_picture(a, a, a, np.eye(3), height=32).shape
-    (32, 192, 3)
+    (32, 216, 3)
     """
     support_rgb, input_rgb, aligned_rgb = _rgb(support), _rgb(input), _rgb(aligned)
     h_s, w_s = support.shape[:2]
