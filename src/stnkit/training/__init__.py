@@ -1,0 +1,17 @@
+"""Training loops: classification (checkpoints, metrics, exact resume) and aligner training."""
+
+from .metrics_log import METRICS_COLUMNS, read_metrics
+from .plots import plot_learning_curve
+from .trainer import TrainConfig, Trainer, TrainResult, evaluate, learning_rate_at, seed_everything
+
+__all__ = [
+    "METRICS_COLUMNS",
+    "read_metrics",
+    "plot_learning_curve",
+    "TrainConfig",
+    "Trainer",
+    "TrainResult",
+    "evaluate",
+    "learning_rate_at",
+    "seed_everything",
+]

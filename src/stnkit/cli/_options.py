@@ -1,0 +1,57 @@
+"""Pieces shared by the classification subcommands: data options and task loading."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+import torch
+
+from ..data.digits import load_digit_sample
+from ..data.distortions import TASKS, DistortedMNIST, get_task
+
+TASK_NAMES = list(TASKS)
+
+
+def data_options(function: Callable) -> Callable:
+    """Add ``--task``, ``--data`` and ``--digit-sample`` to a command."""
+    function = click.option(
+        "--digit-sample",
+        is_flag=True,
+        help="Use the small real-digit sample shipped inside stnkit instead of the full MNIST files.",
+    )(function)
+    function = click.option(
+        "--data",
+        "data_root",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Data root holding mnist/*.gz (default: $STNKIT_DATA, then ~/.cache/stnkit/data).",
+    )(function)
+    function = click.option(
+        "--task", type=click.Choice(TASK_NAMES), default="rts", help="Distorted-MNIST task (ST paper, Appendix A)."
+    )(function)
+    return function
+
+
+def task_splits(task: str, data_root: str | None, digit_sample: bool, seed: int = 0, test_seed: int = 0) -> tuple[DistortedMNIST, DistortedMNIST]:
+    """The train and test splits of a task, from the MNIST files or the shipped sample."""
+    get_task(task)
+    if digit_sample:
+        train_images, train_labels = load_digit_sample("train")
+        test_images, test_labels = load_digit_sample("test")
+        train = DistortedMNIST(task, "train", seed=seed, images=train_images, labels=train_labels)
+        test = DistortedMNIST(task, "test", seed=test_seed, images=test_images, labels=test_labels)
+    else:
+        train = DistortedMNIST(task, "train", root=data_root, seed=seed)
+        test = DistortedMNIST(task, "test", root=data_root, seed=test_seed)
+    return train, test
+
+
+def run_info(task: str, data_root: str | None, digit_sample: bool, test_seed: int) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild the data on resume and evaluation."""
+    return {"task": task, "data_root": data_root, "digit_sample": digit_sample, "test_seed": test_seed}
+
+
+def limit(x: torch.Tensor, y: torch.Tensor, count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` examples (all when None)."""
+    return (x, y) if count is None else (x[:count], y[:count])

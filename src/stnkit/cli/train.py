@@ -1,0 +1,92 @@
+"""``stnkit train``: train a distorted-MNIST classifier with checkpoints, metrics and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import torch
+
+from ..models.checkpoint import load_checkpoint
+from ..models.classifiers import MODEL_NAMES, classifier, count_parameters
+from ..training.trainer import LAST_CHECKPOINT, TrainConfig, Trainer
+from ._options import data_options, limit, run_info, task_splits
+from .main import CLIError
+
+
+@click.command(context_settings={"show_default": True})
+@data_options
+@click.option("--model", "model_name", type=click.Choice(MODEL_NAMES), default="st-cnn", help="Architecture.")
+@click.option("--transform", default="affine", help="Transformer family of ST models: affine, projective, tps, ...")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Run folder (metrics, plot, checkpoints).")
+@click.option("--epochs", type=int, default=None, help="Passes over the training set, distortions redrawn each epoch [default: 20; on --resume, the run's own].")
+@click.option("--batch-size", type=int, default=256)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd")
+@click.option("--lr", type=float, default=0.01, help="Base learning rate.")
+@click.option("--momentum", type=float, default=0.9)
+@click.option("--weight-decay", type=float, default=0.0)
+@click.option("--loc-lr-scale", type=float, default=0.1, help="Learning-rate factor of the localisation net.")
+@click.option("--schedule", type=click.Choice(["step", "cosine"]), default="cosine", help="Learning-rate schedule.")
+@click.option("--lr-steps", default="", help="Comma-separated epochs at which the step schedule divides the lr by 10.")
+@click.option("--max-grad-norm", type=float, default=None, help="Clip the gradient norm.")
+@click.option("--seed", type=int, default=0)
+@click.option("--test-seed", type=int, default=0, help="Seed of the fixed test set.")
+@click.option("--train-limit", type=int, default=None, help="Use only the first N training digits.")
+@click.option("--test-limit", type=int, default=None, help="Evaluate on only the first N test digits.")
+@click.option("--checkpoint-every", type=int, default=200, help="Steps between checkpoints (and at every epoch end).")
+@click.option("--eval-every", type=int, default=0, help="Steps between test evaluations (0: epoch ends).")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps in total (resume continues).")
+@click.option("--device", default="cpu", help="cpu, cuda, cuda:N or auto.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def command(
+    task, data_root, digit_sample, model_name, transform, out_dir, epochs, batch_size, optimizer, lr, momentum,
+    weight_decay, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, train_limit, test_limit,
+    checkpoint_every, eval_every, max_steps, device, resume, overwrite, progress,
+):
+    """Train a classifier (FCN, CNN, ST-FCN, ST-CNN) on a distorted-MNIST task."""
+    out = Path(out_dir)
+    if resume:
+        last = out / LAST_CHECKPOINT
+        if not last.is_file():
+            raise CLIError(f"--resume: no checkpoint at {last}")
+        info = (load_checkpoint(last).trainer_state or {}).get("run_info", {})
+        task, data_root, digit_sample, test_seed = info["task"], info["data_root"], info["digit_sample"], info["test_seed"]
+        train_limit, test_limit = info.get("train_limit"), info.get("test_limit")
+    train, test = task_splits(task, data_root, digit_sample, seed=seed, test_seed=test_seed)
+    test_data = limit(*test.epoch(0), test_limit)
+
+    def epoch_data(epoch: int):
+        return limit(*train.epoch(epoch), train_limit)
+
+    overrides = {"progress": progress, "device": device, "max_steps": max_steps}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    elif not resume:
+        overrides["epochs"] = 20
+    if resume:
+        trainer = Trainer.resume(out, epoch_data, test_data, **overrides)
+    else:
+        steps = tuple(int(s) for s in lr_steps.split(",") if s.strip())
+        config = TrainConfig(
+            batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            localisation_lr_scale=loc_lr_scale, lr_schedule=schedule, lr_steps=steps, max_grad_norm=max_grad_norm,
+            seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, out_dir=out, overwrite=overwrite,
+            **overrides,
+        )
+        torch.manual_seed(seed)
+        model = classifier(model_name, transform, (train.size, train.size))
+        info = run_info(task, data_root, digit_sample, test_seed)
+        info.update(train_limit=train_limit, test_limit=test_limit)
+        click.echo(f"{model_name} ({transform if model_name.startswith('st-') else 'no transformer'}) on {task}: "
+                   f"{count_parameters(model):,} parameters, {len(train)} training digits, {len(test_data[0])} test digits")
+        trainer = Trainer(model, None, epoch_data, test_data, config, run_info=info)
+    result = trainer.fit()
+    summary = {
+        "task": task, "steps": result.steps, "epochs": result.epochs_completed,
+        "test_error": result.test_error, "best_test_error": result.best_test_error,
+        "skipped_steps": result.skipped_steps, "out": str(out),
+    }
+    click.echo(json.dumps(summary))
