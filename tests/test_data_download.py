@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from stnkit.cli.main import main
-from stnkit.data import download as dl
 from stnkit.data.datasets import KINDS, SPLITS, load_mnist, split_files
 from stnkit.data.download import FILES, MIRRORS, DownloadError, RemoteFile, download, verify_file
 
