@@ -63,6 +63,12 @@ def test_resume_continues_from_the_last_checkpoint(camera, tmp_path):
     assert load_checkpoint(tmp_path / "checkpoints" / "last.safetensors").trainer_state["step"] == 4
     steps = [line.split(",")[0] for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == ["0", "2", "4"]
+    last = tmp_path / "checkpoints" / "last.safetensors"
+    finetuned = train_aligner(camera, "projective", tmp_path / "finetune", steps=1, init=last, **args)
+    assert load_checkpoint(tmp_path / "finetune" / "checkpoints" / "last.safetensors").trainer_state["step"] == 1
+    assert isinstance(finetuned, Aligner)
+    with pytest.raises(ValueError, match="not an aligner of family 'tps'"):
+        train_aligner(camera, "tps", tmp_path / "wrong", steps=1, init=last, **args)
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
         train_aligner(camera, "projective", tmp_path / "empty", steps=1, resume=True, **args)
 

@@ -178,6 +178,7 @@ def train_aligner(
     checkpoint_every: int = 100,
     min_lr_ratio: float = 0.05,
     seed: int = 0,
+    init: str | os.PathLike[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
     num_threads: int | None = None,
@@ -217,6 +218,10 @@ def train_aligner(
         Validation set size and how often (steps) to validate and to save ``last``.
     seed : int
         Seed of the pair stream and of the weights.
+    init : str or PathLike, optional
+        Start a new run from the weights of this aligner checkpoint (fine-tuning
+        or a new schedule); its architecture replaces ``size``, ``channels`` and
+        ``iterations``. Optimizer, schedule and step start afresh.
     resume : bool
         Continue from ``out_dir/checkpoints/last.safetensors``.
     overwrite : bool
@@ -283,6 +288,13 @@ def train_aligner(
               "iterations": iterations, "fusion": "concat"}
     torch.manual_seed(seed)
     model: Aligner = build_model(config)
+    if init is not None and not resume:
+        start = load_checkpoint(init)
+        if start.config.get("kind") != "aligner" or start.config.get("transform") != family:
+            raise ValueError(f"{init}: holds {start.config!r}, not an aligner of family {family!r}")
+        model = build_model(start.config)
+        model.load_state_dict(start.model_state)
+        size = tuple(model.size)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr * min_lr_ratio)
     rng = np.random.default_rng(seed)
@@ -335,7 +347,7 @@ def train_aligner(
         identity_error = validate()
         metrics.append({"step": 0, "epoch": 0, "test_error": identity_error, "lr": lr, "time": 0.0, "skipped_steps": 0})
         if log:
-            log(f"step 0: validation corner error {identity_error:.2f} px (identity)")
+            log(f"step 0: validation corner error {identity_error:.2f} px ({'initial weights' if init else 'identity'})")
     bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"aligner-{family}", unit="step")
     running, count, window_start, window_images = 0.0, 0, time.perf_counter(), 0
     try:
