@@ -1,0 +1,117 @@
+"""The ST-CNN end to end on real digits: training, checkpoints, the CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import stnkit
+from stnkit.cli.main import main
+from stnkit.data.digits import load_digit_sample
+from stnkit.data.distortions import DistortedMNIST
+from stnkit.models import MODEL_NAMES, classifier, count_parameters, load_model
+
+
+def test_st_cnn_trains_on_digits_and_starts_at_identity():
+    torch.manual_seed(0)
+    images, labels = load_digit_sample("train")
+    x, y = DistortedMNIST("rts", "train", images=images[:2048], labels=labels[:2048]).epoch(0)
+    model = classifier("st-cnn", "affine", (42, 42))
+    model(x[:8])
+    torch.testing.assert_close(model.transformer.last_theta, stnkit.Affine().identity(8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(150):
+        index = torch.randint(0, len(x), (64,))
+        loss = F.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.6 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    # The transformer has moved away from the identity: it learned something about the input.
+    model(x[:64])
+    assert (model.transformer.last_theta - stnkit.Affine().identity(64)).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("transform", ["affine", "projective", "tps"])
+def test_every_model_builds_and_round_trips(tmp_path, name, transform):
+    model = classifier(name, transform, (28, 28))
+    x = torch.rand(3, 1, 28, 28)
+    model.eval()
+    path = stnkit.models.save_checkpoint(tmp_path / "m.safetensors", model)
+    again = load_model(path)
+    torch.testing.assert_close(again(x), model(x))
+    assert count_parameters(model) > 0
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_train_eval_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--task", "rotated", "--digit-sample", "--model", "st-cnn", "--out", str(out), "--epochs", "2", "--batch-size", "64",
+              "--optimizer", "adam", "--lr", "0.002", "--train-limit", "256", "--test-limit", "128", "--no-progress", "--checkpoint-every", "4"]
+    code, stdout, err = run_cli(["train", *common, "--max-steps", "6"], capsys)
+    assert code == 0, err
+    assert (out / "checkpoints" / "last.safetensors").is_file()
+    # Refuses to overwrite an existing run without --resume/--overwrite.
+    code, _, err = run_cli(["train", *common], capsys)
+    assert code != 0 and "exists" in err.lower() or "already" in err.lower()
+    code, stdout, err = run_cli(["train", "--out", str(out), "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    resumed = json.loads(stdout.strip().splitlines()[-1])
+    assert resumed["steps"] == 8 and resumed["epochs"] == 2
+    # The same run without interruption ends with the same weights.
+    straight = tmp_path / "straight"
+    code, stdout, err = run_cli(["train", *[a if a != str(out) else str(straight) for a in common]], capsys)
+    assert code == 0, err
+    a = load_model(out / "checkpoints" / "last.safetensors").state_dict()
+    b = load_model(straight / "checkpoints" / "last.safetensors").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert (out / "metrics.csv").is_file() and (out / "learning_curve.png").is_file()
+
+    code, stdout, err = run_cli(["eval", str(out / "checkpoints" / "last.safetensors"), "--task", "rotated", "--digit-sample", "--test-limit", "128", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert 0.0 <= report["test_error"] <= 1.0 and report["images"] == 128
+
+    figure = tmp_path / "fig.png"
+    code, _, err = run_cli(["figure", str(out / "checkpoints" / "last.safetensors"), "--task", "rotated", "--digit-sample", "-o", str(figure), "--count", "4"], capsys)
+    assert code == 0, err
+    assert figure.stat().st_size > 1000
+    code, _, err = run_cli(["figure", str(out / "checkpoints" / "last.safetensors"), "--task", "rotated", "--digit-sample", "-o", str(figure)], capsys)
+    assert code == 1 and "--overwrite" in err
+
+
+def test_cli_bad_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("STNKIT_DATA", str(tmp_path / "nowhere"))
+    code, _, err = run_cli(["train", "--task", "rts", "--out", str(tmp_path / "r"), "--no-progress"], capsys)
+    assert code == 1 and "nowhere" in err and "stnkit download" in err
+    assert "Traceback" not in err
+    code, _, err = run_cli(["train", "--task", "not-a-task", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "not-a-task" in err
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 100)
+    code, _, err = run_cli(["eval", str(broken), "--digit-sample"], capsys)
+    assert code == 1 and "broken.safetensors" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["eval", str(tmp_path / "missing.safetensors"), "--digit-sample"], capsys)
+    assert code == 1 and "missing.safetensors" in err
+    code, _, err = run_cli(["train", "--resume", "--out", str(tmp_path / "empty")], capsys)
+    assert code == 1 and "no checkpoint" in err
+
+
+def test_cli_models_lists_parameter_counts(capsys):
+    code, stdout, _ = run_cli(["models", "--task", "rts"], capsys)
+    assert code == 0
+    assert "st-cnn" in stdout and "tps" in stdout and f"{count_parameters(classifier('cnn', None, (42, 42))):,}" in stdout
