@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from stnkit.models.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from stnkit.models.registry import build_model, resolve_config
 from stnkit.models.registry import model_config as stored_model_config
+from stnkit.training.guards import CollapseGuard
 from stnkit.training.metrics_log import MetricsLog
 from stnkit.training.plots import plot_learning_curve
 
@@ -295,6 +296,11 @@ class Trainer:
     run_info : dict, optional
         JSON-serialisable notes stored in every checkpoint (e.g. the task name,
         so a CLI can rebuild the data on resume).
+    guard : CollapseGuard or bool, default True
+        Watches the model's spatial transformers for collapse (blank output,
+        scale running to zero or infinity); a flagged step is handled like a
+        non-finite one (see :mod:`stnkit.training.guards`). ``True`` uses the
+        default thresholds, ``False`` turns it off.
 
     Examples
     --------
@@ -313,6 +319,7 @@ class Trainer:
         config: TrainConfig | None = None,
         *,
         run_info: Mapping[str, Any] | None = None,
+        guard: CollapseGuard | bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -330,6 +337,12 @@ class Trainer:
         self.test_x, self.test_y = _check_xy(test_data, "test_data")
         self.out_dir = Path(self.config.out_dir) if self.config.out_dir is not None else None
         self.optimizer, self._is_localisation_group = self._make_optimizer()
+        # Collapse detection (stnkit.training.guards): hooks on the spatial transformers.
+        if not isinstance(guard, (bool, CollapseGuard)):
+            raise TypeError(f"guard must be a CollapseGuard or a bool, got {type(guard).__name__}")
+        self.guard = (CollapseGuard() if guard is True else guard or None)
+        if self.guard is not None:
+            self.guard.attach(self.model)
 
         # Position and history of the run; all of it goes into last.safetensors.
         self.epoch = 0
@@ -456,8 +469,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         logits = _logits(self.model(x))
         loss = F.cross_entropy(logits, y)
+        # A collapsed transform gets the same policy as a non-finite loss (skip, then roll back).
+        collapse = self.guard.check(self.step + 1) if self.guard is not None else None
         if not torch.isfinite(loss):
             self._skip_nonfinite_step(f"loss is {loss.item()}")
+            return
+        if collapse is not None:
+            self._skip_nonfinite_step(f"transform collapse: {collapse}")
             return
         loss.backward()
         if self.config.max_grad_norm is not None:
@@ -488,7 +506,7 @@ class Trainer:
             self.localisation_lr_factor *= 0.5
             self.consecutive_nonfinite = 0
             logger.warning(
-                "step %d: %d non-finite steps in a row: restored the last good checkpoint and halved the "
+                "step %d: %d non-finite or collapsed steps in a row: restored the last good checkpoint and halved the "
                 "localisation learning rate (now x%g of its scheduled value)",
                 self.step + 1,
                 self.config.max_nonfinite,
@@ -641,6 +659,8 @@ class Trainer:
 
     def _remember_good_state(self) -> None:
         # An in-memory copy of what last.safetensors holds, for non-finite recovery.
+        if self.consecutive_nonfinite and self._good_state is not None:
+            return  # steps are being skipped: these weights are suspect, keep the older good state
         model_state = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
         self._good_state = (model_state, copy.deepcopy(self.optimizer.state_dict()))
 
