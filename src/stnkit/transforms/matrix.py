@@ -302,7 +302,13 @@ def homography_from_points(src: Tensor, dst: Tensor) -> Tensor:
 
     Notes
     -----
-    Solves the 8x8 direct linear system, which is differentiable in both point sets.
+    Closed form, differentiable in both point sets: ``A_p`` maps the
+    projective basis ``e1, e2, e3, (1, 1, 1)`` onto the points ``p``, and
+    ``H ~ A_dst adj(A_src)`` (the adjugate is the inverse up to scale, and the
+    scale goes when ``h33`` is set to 1). Only multiply-adds and one division:
+    no ``linalg.solve``, so it exports to ONNX and compiles without graph breaks.
+    Computed in float64 (float32 on MPS). Degenerate point sets (three
+    collinear points) give non-finite entries.
 
     Examples
     --------
@@ -312,14 +318,30 @@ def homography_from_points(src: Tensor, dst: Tensor) -> Tensor:
     """
     if src.shape != dst.shape or src.dim() != 3 or src.shape[1:] != (4, 2):
         raise ValueError(f"src and dst must both have shape (B, 4, 2), got {tuple(src.shape)} and {tuple(dst.shape)}")
-    # Solve in float64 at least: the system is badly scaled for float32 when points are far apart.
+    # float64 at least: products of four coordinates lose too much in float32 when points are far apart.
     work_dtype = torch.promote_types(src.dtype, torch.float64) if src.device.type != "mps" else src.dtype
-    x, y = src[..., 0].to(work_dtype), src[..., 1].to(work_dtype)
-    u, v = dst[..., 0].to(work_dtype), dst[..., 1].to(work_dtype)
-    one, zero = torch.ones_like(x), torch.zeros_like(x)
-    rows_u = torch.stack((x, y, one, zero, zero, zero, -u * x, -u * y), dim=-1)
-    rows_v = torch.stack((zero, zero, zero, x, y, one, -v * x, -v * y), dim=-1)
-    system = torch.cat((rows_u, rows_v), dim=1)  # (B, 8, 8)
-    rhs = torch.cat((u, v), dim=1).unsqueeze(-1)  # (B, 8, 1)
-    h = torch.linalg.solve(system, rhs).squeeze(-1)
-    return torch.cat((h, torch.ones_like(h[:, :1])), dim=1).view(-1, 3, 3).to(src.dtype)
+    h = _adjugate(_basis_to_points(src.to(work_dtype)))
+    h = _basis_to_points(dst.to(work_dtype)) @ h
+    return (h / h[:, 2:3, 2:3]).to(src.dtype)
+
+
+def _cross(a: Tensor, b: Tensor) -> Tensor:
+    """Cross products of ``(..., 3)`` vectors, as multiply-adds (exports everywhere)."""
+    a0, a1, a2 = a.unbind(-1)
+    b0, b1, b2 = b.unbind(-1)
+    return torch.stack((a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0), dim=-1)
+
+
+def _basis_to_points(points: Tensor) -> Tensor:
+    """``(B, 3, 3)`` matrices (up to scale) taking ``e1, e2, e3, (1, 1, 1)`` to 4 points ``(B, 4, 2)``."""
+    homogeneous = torch.cat((points, torch.ones_like(points[..., :1])), dim=-1)  # (B, 4, 3)
+    p1, p2, p3, p4 = homogeneous.unbind(1)
+    # Columns lambda_i p_i with sum_i lambda_i p_i = p4: Cramer's rule, without the common 1/det.
+    weights = torch.stack(((_cross(p2, p3) * p4).sum(-1), (_cross(p3, p1) * p4).sum(-1), (_cross(p1, p2) * p4).sum(-1)), dim=-1)
+    return (homogeneous[:, :3] * weights.unsqueeze(-1)).transpose(1, 2)
+
+
+def _adjugate(matrix: Tensor) -> Tensor:
+    """Adjugate of ``(B, 3, 3)`` matrices (``det * inverse``): rows are cross products of the columns."""
+    c0, c1, c2 = matrix.unbind(-1)
+    return torch.stack((_cross(c1, c2), _cross(c2, c0), _cross(c0, c1)), dim=1)
