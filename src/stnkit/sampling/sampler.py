@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..transforms import Transform, get_transform
-from ..transforms.base import _is_compiling, check_size
+from ..transforms.base import _data_checks_enabled, _is_compiling, check_size, grid_limit
 
 __all__ = ["InterpolationMode", "PaddingMode", "sample", "warp"]
 
@@ -104,7 +104,14 @@ def sample(
     Returns
     -------
     Tensor
-        ``(N, C, H_out, W_out)``, differentiable w.r.t. ``x`` and ``grid``.
+        ``(N, C, H_out, W_out)``, differentiable w.r.t. ``x`` and ``grid``;
+        finite for finite ``x``: grid points beyond ``+/-1e6`` (``+/-32`` in
+        float16), infinite ones included, are read as if they were there.
+
+    Raises
+    ------
+    ValueError
+        If ``grid`` holds NaN (checked outside compiling/tracing/export).
 
     Convention: ``grid`` holds input points in normalised coordinates, ``-1``
     and ``+1`` at the input's outer edges (align_corners=False).
@@ -133,6 +140,13 @@ def sample(
     if not grid.is_floating_point():
         raise TypeError(f"grid must be a floating-point tensor, got dtype {grid.dtype}")
     grid = grid.to(x.dtype)
+    # --- finiteness guarantee (docs/reliability.md): a NaN point has no meaning, so it is a
+    # clear error; infinite or huge points are clamped to +/- grid_limit (far outside any
+    # image), where grid_sample would otherwise return NaN (zeros padding, bicubic).
+    if _data_checks_enabled() and torch.isnan(grid).any():
+        raise ValueError("grid contains NaN points: the transform is degenerate (check theta and the grid's source)")
+    limit = grid_limit(grid.dtype)
+    grid = grid.clamp(-limit, limit)
 
     if padding_mode is PaddingMode.FILL:
         fill = _fill_tensor(fill_value, x)

@@ -26,6 +26,7 @@ tensor of shape ``(B, num_params)``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Sequence
 
@@ -39,6 +40,31 @@ def _is_compiling() -> bool:
     # Data-dependent checks (isfinite) break torch.compile graphs; skip them there.
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())
+
+
+# --- robustness (see docs/reliability.md) -------------------------------------
+#: Grid coordinates are clamped to +/- this (normalised units): a million image
+#: half-widths is outside any image, and keeps the sampler's unnormalisation finite.
+GRID_LIMIT = 1e6
+
+
+def grid_limit(dtype: torch.dtype) -> float:
+    """The largest grid coordinate kept in ``dtype``: :data:`GRID_LIMIT`, or less where ``dtype`` overflows first.
+
+    Examples
+    --------
+    >>> grid_limit(torch.float32), grid_limit(torch.float16)
+    (1000000.0, 32.0)
+    """
+    # float16 tops out at 65504: keep a margin so (x + 1) * W / 2 stays finite for W up to 1024.
+    return min(GRID_LIMIT, float(2 ** math.floor(math.log2(torch.finfo(dtype).max / 1024))))
+
+
+def _data_checks_enabled() -> bool:
+    """False while compiling, tracing or exporting, where data-dependent checks break the graph."""
+    onnx = getattr(torch, "onnx", None)
+    exporting = bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
+    return not (_is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or exporting)
 
 
 def check_size(size: Sequence[int], name: str = "out_size") -> Size:
@@ -195,8 +221,23 @@ class MatrixTransform(Transform):
         [[-0.5, 0.5], [-0.5, 0.5]]
         """
         out_size = check_size(out_size)
-        matrix = self.matrix(self.check_theta(theta))
-        return apply_matrix_to_grid(matrix, out_size, projective=self.is_projective)
+        theta = self.check_theta(theta)
+        # 16-bit theta (autocast): built in float32, since bf16 holds ~3 digits (a pixel off
+        # at 512 px); returned in float32 under autocast (the sampler's precision), else in
+        # theta's dtype, clamped so that far points stay finite (see docs/reliability.md).
+        work = torch.float32 if theta.dtype in (torch.float16, torch.bfloat16) else theta.dtype
+        matrix = self.matrix(theta.to(work))
+        if _data_checks_enabled() and not torch.isfinite(matrix).all():
+            raise ValueError(
+                f"{type(self).__name__}: degenerate transform, its matrix is not finite "
+                "(e.g. projective corners with three collinear points, or parameters too large for the dtype)"
+            )
+        grid = apply_matrix_to_grid(matrix, out_size, projective=self.is_projective)
+        out_dtype = work if work != theta.dtype and _autocast_on(theta.device.type) else theta.dtype
+        if self.is_projective or out_dtype != work:
+            limit = grid_limit(out_dtype)
+            grid = grid.clamp(-limit, limit)
+        return grid.to(out_dtype)
 
     #: Whether the bottom row of the matrix can differ from (0, 0, 1).
     is_projective: bool = False
@@ -213,8 +254,25 @@ class MatrixTransform(Transform):
         return self.from_matrix(self.matrix(first) @ self.matrix(second))
 
     def inverse(self, theta: Tensor) -> Tensor:
-        """Parameters of the inverse map, so that ``compose(theta, inverse(theta))`` is the identity."""
-        return self.from_matrix(torch.linalg.inv(self.matrix(self.check_theta(theta))))
+        """Parameters of the inverse map, so that ``compose(theta, inverse(theta))`` is the identity.
+
+        Raises
+        ------
+        ValueError
+            If a matrix is singular (e.g. a zero scale): it has no inverse.
+        """
+        matrix = self.matrix(self.check_theta(theta))
+        if not _data_checks_enabled():
+            return self.from_matrix(torch.linalg.inv(matrix))
+        inverse, info = torch.linalg.inv_ex(matrix)
+        bad = (info != 0) | ~torch.isfinite(inverse).flatten(1).all(dim=1)
+        if bad.any():
+            items = bad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"{type(self).__name__}.inverse: singular matrix for batch item(s) {items[:10]} "
+                "(zero scale or collapsed linear part): it has no inverse"
+            )
+        return self.from_matrix(inverse)
 
     def to_pixels(self, theta: Tensor, in_size: Sequence[int], out_size: Sequence[int]) -> Tensor:
         """The ``(B, 3, 3)`` float64 matrix ``src_pix_from_dst_pix`` in pixel coordinates.
@@ -263,6 +321,7 @@ def apply_matrix_to_grid(matrix: Tensor, out_size: Size, *, projective: bool = T
     src_y = m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]
     if projective:
         src_w = m[:, 2, 0] * xs + m[:, 2, 1] * ys + m[:, 2, 2]
+        # (MatrixTransform.grid clamps the result: x / eps can be ~1e7.)
         # Points on or behind the horizon (w <= 0) have no image: clamping w to a
         # tiny positive value sends them far outside the input instead of
         # mirroring them back in, and keeps the grid finite.
@@ -270,3 +329,10 @@ def apply_matrix_to_grid(matrix: Tensor, out_size: Size, *, projective: bool = T
         src_x = src_x / src_w
         src_y = src_y / src_w
     return torch.stack((src_x, src_y), dim=-1)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MatrixTransform
+from .base import MatrixTransform, _data_checks_enabled
 
 __all__ = ["Translation", "Rotation", "Similarity", "ScaleTranslation", "Affine", "Projective"]
 
@@ -33,7 +33,19 @@ def _check_matrix(matrix: Tensor) -> Tensor:
 
 def _affine_part(matrix: Tensor) -> Tensor:
     """Normalise a matrix so that its bottom-right entry is 1 (it is for every affine map)."""
-    return matrix / matrix[:, 2:3, 2:3]
+    return matrix / _check_h33(matrix)
+
+
+def _check_h33(matrix: Tensor) -> Tensor:
+    """The ``(B, 1, 1)`` bottom-right entries; a zero one is a clear error, not a silent inf/NaN."""
+    h33 = matrix[:, 2:3, 2:3]
+    if _data_checks_enabled() and (h33 == 0).any():
+        items = (h33.flatten() == 0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"matrix has a zero bottom-right entry for batch item(s) {items[:10]}: it sends the output centre "
+            "to infinity, and no member of the family (h33 = 1) matches it"
+        )
+    return h33
 
 
 class Translation(MatrixTransform):
@@ -277,7 +289,7 @@ class Projective(MatrixTransform):
     def from_matrix(self, matrix: Tensor) -> Tensor:
         """Parameters of ``matrix`` after scaling its bottom-right entry to 1."""
         matrix = _check_matrix(matrix)
-        matrix = matrix / matrix[:, 2:3, 2:3]
+        matrix = matrix / _check_h33(matrix)
         if self.parametrisation == "corners":
             corners = torch.tensor(_CORNERS, device=matrix.device, dtype=matrix.dtype)
             homogeneous = torch.cat((corners, torch.ones_like(corners[:, :1])), dim=1)  # (4, 3)

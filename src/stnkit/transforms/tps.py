@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .base import Size, Transform, check_size, normalised_pixel_centres
+from .base import Size, Transform, _data_checks_enabled, check_size, normalised_pixel_centres
 
 __all__ = ["ThinPlateSpline", "tps_kernel"]
 
@@ -146,9 +146,30 @@ def solve_tps_system(control_points: Tensor, regularisation: float = 0.0) -> Ten
     --------
     >>> solve_tps_system(lattice_points((2, 2))).shape
     torch.Size([7, 4])
+
+    Raises
+    ------
+    ValueError
+        If two control points coincide (with ``regularisation == 0`` the
+        spline would have to take two values at one point) or all of them lie
+        on one line (the affine part is undetermined).
     """
     points = control_points.to(torch.float64)
     count = points.shape[0]
+    # --- degenerate control points: a clear error instead of linalg's "singular matrix".
+    if points.dim() != 2 or points.shape[-1] != 2 or count < 3:
+        raise ValueError(f"control_points must have shape (K, 2) with K >= 3, got {tuple(control_points.shape)}")
+    if regularisation == 0:
+        distances = torch.cdist(points, points) + torch.eye(count, dtype=torch.float64, device=points.device) * math.inf
+        if (distances == 0).any():
+            first, second = (distances == 0).nonzero()[0].tolist()
+            raise ValueError(
+                f"control points {first} and {second} coincide ({points[first].tolist()}): a thin-plate spline "
+                "needs distinct control points (or regularisation > 0)"
+            )
+    centred = points - points.mean(dim=0)
+    if torch.linalg.matrix_rank(centred) < 2:
+        raise ValueError("all control points lie on one line: the spline's affine part is undetermined")
     rows = _design_rows(points, points)  # (K, K + 3) = [U, P]
     kernel = rows[:, :count] + regularisation * torch.eye(count, dtype=torch.float64, device=points.device)
     affine = rows[:, count:]
@@ -386,6 +407,12 @@ class ThinPlateSpline(Transform):
         source = control - offsets
         for _ in range(iterations):
             source = control - (self.transform_points(theta, source) - source)
+        if _data_checks_enabled() and not torch.isfinite(source).all():
+            # The iteration diverged (a folding or very large warp): say so rather than return NaN.
+            raise ValueError(
+                "ThinPlateSpline.inverse: the fixed-point iteration diverged; the warp is too large or folds, "
+                "so it has no inverse"
+            )
         return (source - control).reshape(theta.shape[0], self.num_params)
 
 
