@@ -59,3 +59,9 @@ def __getattr__(name: str):
 
         return Aligner
     raise AttributeError(f"module 'stnkit.models' has no attribute {name!r}")
+
+
+# The STN variants of Finnveden, Jansson & Lindeberg (ICPR 2020); see stnkit.models.invariance_models.
+from .invariance_models import INVARIANCE_VARIANTS, InvarianceClassifier, build_invariance_model, invariance_model  # noqa: E402
+
+__all__ += ["INVARIANCE_VARIANTS", "InvarianceClassifier", "build_invariance_model", "invariance_model"]
