@@ -160,9 +160,10 @@ def solve_tps_system(control_points: Tensor, regularisation: float = 0.0) -> Ten
     if points.dim() != 2 or points.shape[-1] != 2 or count < 3:
         raise ValueError(f"control_points must have shape (K, 2) with K >= 3, got {tuple(control_points.shape)}")
     if regularisation == 0:
-        distances = torch.cdist(points, points) + torch.eye(count, dtype=torch.float64, device=points.device) * math.inf
-        if (distances == 0).any():
-            first, second = (distances == 0).nonzero()[0].tolist()
+        difference = points.unsqueeze(0) - points.unsqueeze(1)
+        same = (difference == 0).all(dim=-1) & ~torch.eye(count, dtype=torch.bool, device=points.device)
+        if same.any():
+            first, second = same.nonzero()[0].tolist()
             raise ValueError(
                 f"control points {first} and {second} coincide ({points[first].tolist()}): a thin-plate spline "
                 "needs distinct control points (or regularisation > 0)"
