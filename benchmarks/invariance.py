@@ -24,8 +24,8 @@ measurement be redone without retraining:
 Usage::
 
     OMP_NUM_THREADS=1 nice -n 15 python benchmarks/invariance.py train --runs runs/invariance --epochs 2
-    OMP_NUM_THREADS=1 nice -n 15 python benchmarks/invariance.py measure --runs runs/invariance \\
-        --out benchmarks/results/invariance.md
+    OMP_NUM_THREADS=1 nice -n 15 python benchmarks/invariance.py measure --runs runs/invariance --count 500 \\
+        --out benchmarks/results/invariance.md --plot benchmarks/results/invariance.png
 """
 
 from __future__ import annotations
@@ -152,7 +152,33 @@ def _measure(args: argparse.Namespace) -> None:
     Path(args.out).write_text("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(curves, indent=1))
+    if args.plot and curves:
+        _plot(curves, args.plot)
     print(f"wrote {args.out}")
+
+
+def _plot(curves: dict, path: str) -> None:
+    """Error, D(transformer output) and D(feature maps) against the angle, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("error", "test error"), ("transformer_distance", "D(transformer output)"), ("feature_distance", "D(feature maps)")]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for name, curve in curves.items():
+        values = [row["value"] for row in curve["rows"]]
+        for axis, (key, _) in zip(axes, keys):
+            axis.plot(values, [row[key] for row in curve["rows"]], marker="o", markersize=2, label=name)
+    for axis, (_, label) in zip(axes, keys):
+        axis.set_title(label, fontsize=10)
+        axis.set_xlabel("rotation of the test digits (degrees)")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,10 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="Comma-separated run names (default: all).")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--count", type=int, default=1000, help="Test digits for the invariance measures.")
-    parser.add_argument("--range", type=float, nargs=2, default=(-180.0, 180.0))
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--range", type=float, nargs=2, default=(-90.0, 90.0))
+    parser.add_argument("--steps", type=int, default=13)
     parser.add_argument("--out", default="benchmarks/results/invariance.md")
     parser.add_argument("--json", default="", help="Also write every curve as JSON here.")
+    parser.add_argument("--plot", default="", help="Also write a plot of every curve here (PNG).")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     (_train if args.stage == "train" else _measure)(args)
