@@ -115,3 +115,17 @@ def test_cli_models_lists_parameter_counts(capsys):
     code, stdout, _ = run_cli(["models", "--task", "rts"], capsys)
     assert code == 0
     assert "st-cnn" in stdout and "tps" in stdout and f"{count_parameters(classifier('cnn', None, (42, 42))):,}" in stdout
+
+
+def test_table1_cells_and_table(tmp_path, capsys):
+    from stnkit.cli.table1 import PAPER_TABLE1, parse_cell, write_table
+
+    assert parse_cell("rts:st-cnn:tps") == ("rts", "st-cnn", "tps")
+    assert parse_cell("rotated:cnn") == ("rotated", "cnn", None)
+    code, _, err = run_cli(["table1", "--cell", "rts:st-cnn:lanczos", "--out", str(tmp_path)], capsys)
+    assert code == 1 and "rts:st-cnn:lanczos" in err
+    record = {"task": "rts", "test_error": 0.0123, "epochs": 2, "optimizer": "adam", "lr": 0.002, "batch_size": 128, "train_seconds": 120}
+    write_table({"rts:st-cnn:affine": record}, tmp_path / "t.md")
+    table = (tmp_path / "t.md").read_text()
+    assert "| ST-CNN affine | 1.23 | 0.5 |" in table and "2 ep" in table
+    assert PAPER_TABLE1[("st-cnn", "tps")]["E"] == 1.1
