@@ -121,12 +121,37 @@ def _measure(args: argparse.Namespace) -> None:
             vals = [getattr(r, key) for r in within if getattr(r, key) is not None]
             return sum(vals) / len(vals) if vals else None
 
+        # The run's own final test error (full rotated test set) when recorded, else evaluate now.
+        test_error = info.get("test_error")
+        if test_error is None:
+            test_error = evaluate(model, test_x[: args.test_limit], test_y[: args.test_limit])
         rows.append(
-            [name, f"{count_parameters(model):,}", _fmt(100 * evaluate(model, test_x[: args.test_limit], test_y[: args.test_limit]), 2),
+            [name, f"{count_parameters(model):,}", _fmt(100 * test_error, 2),
              _fmt(100 * mean("error"), 2), _fmt(mean("transformer_distance")), _fmt(mean("feature_distance")),
              _fmt(mean("corner_error_px"), 2), _fmt(info.get("cpu_s", float("nan")) / 60, 1)]
         )
         print(" | ".join(rows[-1]), flush=True)
+    oracle_lines = []
+    cnn_path = Path(args.runs) / "cnn" / "checkpoints" / "last.safetensors"
+    if cnn_path.is_file():
+        cnn = load_model(cnn_path)
+        oracle_lines = [
+            "",
+            "## Perfect localisation, trained CNN: warping the input vs warping feature maps",
+            "",
+            "The trained `cnn` run, with an *oracle* transformer that applies the exact inverse rotation "
+            "(no learning involved) to the input (k = 0) or to the feature maps after block k. "
+            "Same digits and angles as above; means over the angles.",
+            "",
+            "| oracle transformer acts on | error % on rotated digits | feature-map distance |",
+            "|---|---|---|",
+        ]
+        for k in range(len(cnn.blocks) + 1):
+            error, distance = _oracle(cnn, x, y, inside, k)
+            where = "input (k = 0)" if k == 0 else f"feature maps after block {k}"
+            oracle_lines.append(f"| {where} | {_fmt(100 * error, 2)} | {_fmt(distance)} |")
+            print(oracle_lines[-1], flush=True)
+        oracle_lines.append("| (no transformer: the `cnn` row above) | | |")
     header = ["model", "params", "test error % (rotated test set)", "error % on rotated digits",
               "transformer-output distance", "feature-map distance", "corner error (px)", "train CPU (min)"]
     lines = [
@@ -146,6 +171,7 @@ def _measure(args: argparse.Namespace) -> None:
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
         *("| " + " | ".join(row) + " |" for row in rows),
+        *oracle_lines,
         "",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +181,34 @@ def _measure(args: argparse.Namespace) -> None:
     if args.plot and curves:
         _plot(curves, args.plot)
     print(f"wrote {args.out}")
+
+
+@torch.no_grad()
+def _oracle(model, x: torch.Tensor, y: torch.Tensor, angles: list[float], k: int) -> tuple[float, float]:
+    """Mean error and feature-map distance when the exact inverse rotation is applied at block ``k``.
+
+    ``model`` is an :class:`~stnkit.models.invariance_models.InvarianceClassifier` without a
+    transformer; ``k = 0`` warps the input, ``k >= 1`` the feature maps after block ``k``.
+    """
+    from stnkit.evaluation.invariance import normalised_distance, transform_images
+
+    def run(h: torch.Tensor, angle: float | None) -> torch.Tensor:
+        for index, block in enumerate(model.blocks):
+            if index == k and angle is not None:
+                h = transform_images(h, "rotation", -angle)
+            h = block(h)
+        if k == len(model.blocks) and angle is not None:
+            h = transform_images(h, "rotation", -angle)
+        return h
+
+    model.eval()
+    reference = run(x, None)
+    errors, distances = [], []
+    for angle in angles:
+        features = run(transform_images(x, "rotation", angle), angle)
+        errors.append(float((model.head(features).argmax(1) != y).float().mean()))
+        distances.append(normalised_distance(features, reference))
+    return sum(errors) / len(errors), sum(distances) / len(distances)
 
 
 def _plot(curves: dict, path: str) -> None:
