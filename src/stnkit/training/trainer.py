@@ -25,6 +25,7 @@ with the lowest test error so far).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -46,6 +47,7 @@ from tqdm.auto import tqdm
 from stnkit.models.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from stnkit.models.registry import build_model, resolve_config
 from stnkit.models.registry import model_config as stored_model_config
+from stnkit.training.distributed import setup_distributed
 from stnkit.training.guards import CollapseGuard
 from stnkit.training.metrics_log import MetricsLog
 from stnkit.training.plots import plot_learning_curve
@@ -143,6 +145,17 @@ class TrainConfig:
         Continue the run in ``out_dir`` from ``checkpoints/last.safetensors``.
     overwrite : bool
         Replace the run files already in ``out_dir``.
+    amp : {"off", "bf16", "fp16"}
+        Mixed precision: ``"bf16"`` runs the forward pass under bfloat16
+        autocast (CPU and CUDA); ``"fp16"`` under float16 autocast with a
+        gradient scaler (CUDA only). Grids and sampling stay in float32 where
+        the transforms need it; weights and optimizer state stay float32.
+    tensorboard : bool
+        Also write every metrics row to ``out_dir/tb`` for TensorBoard (needs
+        the ``tensorboard`` package; without it a warning and CSV only).
+
+    Under ``torchrun`` the run is data-parallel (see
+    :mod:`stnkit.training.distributed`): ``batch_size`` is the global batch.
 
     Examples
     --------
@@ -173,6 +186,8 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     overwrite: bool = False
+    amp: str = "off"
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         self.lr_steps = tuple(self.lr_steps)
@@ -200,6 +215,8 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues a run, overwrite replaces it")
+        if self.amp not in ("off", "bf16", "fp16"):
+            raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as a JSON-serialisable dict.
@@ -331,8 +348,13 @@ class Trainer:
         # Completed with the builder's defaults, so that equal architectures compare equal on resume.
         self.model_config = stored_model_config(model) if model_config is None else resolve_config(model_config)
         self.run_info = _json_normalised(dict(run_info or {}), "run_info")
-        self.device = _resolve_device(self.config.device)
+        # Under torchrun: join the process group; each rank trains on its slice of every batch.
+        self.dist = setup_distributed(_resolve_device(self.config.device))
+        self.device = self.dist.device_for(_resolve_device(self.config.device))
         self.model = model.to(self.device)
+        self._train_model = self.dist.wrap(self.model, self.device)
+        self._amp_dtype, self._scaler = _mixed_precision(self.config.amp, self.device)
+        self._tensorboard: Any = None
         self.train_epoch_fn = train_epoch_fn
         self.test_x, self.test_y = _check_xy(test_data, "test_data")
         self.out_dir = Path(self.config.out_dir) if self.config.out_dir is not None else None
@@ -404,10 +426,12 @@ class Trainer:
         """
         config = self.config
         self._prepare_out_dir()
+        self.dist.barrier()  # rank 0 has cleared or checked the run folder
         saved_rng = self._load_last() if config.resume else None
         self._remember_good_state()
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.dist.is_main:
             self._metrics = MetricsLog(self.out_dir / METRICS_FILE, keep_until_step=self.step if config.resume else None)
+            self._tensorboard = _open_tensorboard(self.out_dir / "tb") if config.tensorboard else None
         self._clock_start, self._elapsed_at_start = time.perf_counter(), self.elapsed
         self._last_plot_time = self._clock_start
 
@@ -449,6 +473,9 @@ class Trainer:
             self._save_last()
             self._plot(at_most_every_s=30.0)
         self._plot()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         return TrainResult(
             steps=self.step,
             epochs_completed=self.epoch,
@@ -464,32 +491,66 @@ class Trainer:
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, batches_per_epoch: int) -> None:
         self._set_learning_rates(batches_per_epoch)
         started = time.perf_counter()
+        global_count = len(y)
+        x, y = self.dist.shard(x, y)  # this rank's slice of the global batch (all of it without DDP)
         x, y = x.to(self.device), y.to(self.device)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        logits = _logits(self.model(x))
-        loss = F.cross_entropy(logits, y)
+        with self._autocast():
+            logits = _logits(self._train_model(x))
+        if self.dist.enabled:
+            # Summed over the global batch: DDP's mean over ranks then gives the
+            # gradient of the global batch's mean loss (see training/distributed.py).
+            loss = F.cross_entropy(logits.float(), y, reduction="sum") * (self.dist.world_size / global_count)
+        else:
+            loss = F.cross_entropy(logits.float(), y)
         # A collapsed transform gets the same policy as a non-finite loss (skip, then roll back).
         collapse = self.guard.check(self.step + 1) if self.guard is not None else None
-        if not torch.isfinite(loss):
-            self._skip_nonfinite_step(f"loss is {loss.item()}")
+        if self.dist.enabled:
+            # One all-reduce: the metrics, and the same skip decision on every rank
+            # (a rank that skipped backward alone would leave the others waiting).
+            total_loss, correct, collapsed = self.dist.all_reduce_sum(torch.stack((
+                loss.detach() * (global_count / self.dist.world_size),
+                (logits.argmax(dim=1) == y).sum().float(),
+                torch.tensor(float(collapse is not None), device=self.device),
+            ))).tolist()
+            mean_loss = total_loss / global_count
+            if collapsed and collapse is None:
+                collapse = "on another rank"
+        else:
+            mean_loss = loss.item()
+            correct = int((logits.argmax(dim=1) == y).sum().item())
+        if not math.isfinite(mean_loss):
+            self._skip_nonfinite_step(f"loss is {mean_loss}")
             return
         if collapse is not None:
             self._skip_nonfinite_step(f"transform collapse: {collapse}")
             return
-        loss.backward()
+        (loss if self._scaler is None else self._scaler.scale(loss)).backward()
         if self.config.max_grad_norm is not None:
+            if self._scaler is not None:
+                self._scaler.unscale_(self.optimizer)
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-            if not torch.isfinite(norm):
+            if not torch.isfinite(norm) and self._scaler is None:  # the scaler skips such steps itself
                 self.optimizer.zero_grad(set_to_none=True)
                 self._skip_nonfinite_step(f"gradient norm is {norm.item()}")
                 return
-        self.optimizer.step()
+        if self._scaler is None:
+            self.optimizer.step()
+        else:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
         self.consecutive_nonfinite = 0
-        self._window.loss_sum += loss.item() * len(y)
-        self._window.correct += int((logits.argmax(dim=1) == y).sum().item())
-        self._window.count += len(y)
+        self._window.loss_sum += mean_loss * global_count
+        self._window.correct += int(correct)
+        self._window.count += global_count
         self._window.seconds += time.perf_counter() - started
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to ``config.amp``'s dtype on the training device (a no-op with ``amp="off"``)."""
+        if self._amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._amp_dtype)
 
     def _skip_nonfinite_step(self, why: str) -> None:
         """Leave the weights as they are; after too many in a row, roll back and slow the localisation net."""
@@ -522,29 +583,40 @@ class Trainer:
                 buffer.copy_(good_state[name])
 
     def _evaluate_and_log(self) -> None:
-        self.test_error = evaluate(self.model, self.test_x, self.test_y, self.config.eval_batch_size, device=self.device)
+        # Each rank evaluates its slice of the test set; the wrong counts are summed.
+        test_x, test_y = self.dist.shard(self.test_x, self.test_y)
+        with self._autocast():
+            error = evaluate(self.model, test_x, test_y, self.config.eval_batch_size, device=self.device) if len(test_y) else 0.0
+        if self.dist.enabled:
+            wrong = self.dist.all_reduce_sum(torch.tensor([round(error * len(test_y))], device=self.device))
+            error = int(wrong.item()) / len(self.test_y)
+        self.test_error = error
         self._last_eval_step = self.step
         if self.best_test_error is None or self.test_error < self.best_test_error:
             self.best_test_error, self.best_step = self.test_error, self.step
-            if self.out_dir is not None:
+            if self.out_dir is not None and self.dist.is_main:
                 best_state = {"step": self.step, "epoch": self.epoch, "test_error": self.test_error,
                               "train_config": self.config.to_dict(), "run_info": self.run_info}
                 save_checkpoint(self.out_dir / BEST_CHECKPOINT, self.model, self.model_config, trainer_state=best_state)
         window = self._window
         if self._metrics is not None:
-            self._metrics.append(
-                {
-                    "step": self.step,
-                    "epoch": self.epoch,
-                    "train_loss": window.loss_sum / window.count if window.count else None,
-                    "train_acc": window.correct / window.count if window.count else None,
-                    "test_error": self.test_error,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "images_per_s": window.count / window.seconds if window.seconds > 0 else None,
-                    "time": round(self._elapsed_now(), 3),
-                    "skipped_steps": self.skipped_steps,
-                }
-            )
+            row = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "train_loss": window.loss_sum / window.count if window.count else None,
+                "train_acc": window.correct / window.count if window.count else None,
+                "test_error": self.test_error,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_s": window.count / window.seconds if window.seconds > 0 else None,
+                "time": round(self._elapsed_now(), 3),
+                "skipped_steps": self.skipped_steps,
+            }
+            self._metrics.append(row)
+            if self._tensorboard is not None:
+                for name, value in row.items():
+                    if name != "step" and value is not None:
+                        self._tensorboard.add_scalar(name, value, self.step)
+                self._tensorboard.flush()
         self._window = _Window()
 
     # --- learning rate and optimizer -------------------------------------------
@@ -593,6 +665,8 @@ class Trainer:
             raise FileExistsError(
                 f"{out_dir}: already holds a training run ({names}); resume it or choose overwrite to replace it"
             )
+        if not self.dist.is_main:
+            return  # rank 0 alone writes the run's files
         for path in existing:
             path.unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -618,7 +692,7 @@ class Trainer:
 
     def _save_last(self) -> None:
         self._remember_good_state()
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.dist.is_main:
             save_checkpoint(
                 self.out_dir / LAST_CHECKPOINT,
                 self.model,
@@ -689,7 +763,7 @@ class Trainer:
         return self._elapsed_at_start + time.perf_counter() - self._clock_start
 
     def _progress_bar(self, batches: int) -> tqdm:
-        enabled = self.config.progress and sys.stderr.isatty()
+        enabled = self.config.progress and sys.stderr.isatty() and self.dist.is_main
         return tqdm(
             total=batches,
             initial=self.batch_in_epoch,
@@ -836,6 +910,28 @@ def _json_normalised(value: dict[str, Any], what: str) -> dict[str, Any]:
         return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be JSON-serialisable: {exc}") from None
+
+
+def _mixed_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, Any]:
+    """The autocast dtype and gradient scaler of an ``amp`` setting on ``device``."""
+    if amp == "off":
+        return None, None
+    if amp == "bf16":
+        return torch.bfloat16, None
+    if device.type != "cuda":
+        raise ValueError(f"amp='fp16' needs a CUDA device (float16 with a gradient scaler), got {device}; use amp='bf16'")
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def _open_tensorboard(folder: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` on ``folder``, or None (with a warning) without the package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.warning("tensorboard=True but torch.utils.tensorboard is not importable (pip install tensorboard); "
+                       "writing metrics.csv only")
+        return None
+    return SummaryWriter(str(folder))
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

@@ -1,0 +1,204 @@
+"""Data-parallel training on ``torch.distributed``: what the trainer needs to run under ``torchrun``.
+
+Launch any training command under ``torchrun`` and it runs data-parallel with
+no code change::
+
+    torchrun --nproc-per-node 4 -m stnkit.cli.main train --task rts --out runs/rts-ddp
+    # two machines, 8 GPUs each (run on both, NODE_RANK 0 and 1):
+    torchrun --nnodes 2 --nproc-per-node 8 --node-rank $NODE_RANK \\
+        --rdzv-backend c10d --rdzv-endpoint $MASTER_HOST:29500 --rdzv-id stnkit-rts \\
+        -m stnkit.cli.main train --task rts --device cuda --out runs/rts-ddp
+
+:func:`setup_distributed` reads ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``
+(set by ``torchrun``), joins the process group (``nccl`` on CUDA, ``gloo`` on
+the CPU) and returns a :class:`DistributedContext`; without those variables it
+returns the single-process context, whose methods do nothing.
+
+Convention
+----------
+``batch_size`` is the **global** batch: every rank reads the same shuffled
+epoch, takes the same global batch, and trains on its contiguous slice of it
+(:meth:`DistributedContext.shard`). Each rank's loss is its summed loss over
+the global batch size, times the world size, so that DDP's gradient averaging
+gives exactly the gradient of the global batch's mean loss: the weights equal
+those of a single-process run with the same ``batch_size`` (up to float
+rounding), whatever the number of processes. Metrics are summed over ranks;
+rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DistributedContext", "setup_distributed", "environment_world_size", "shutdown_distributed"]
+
+
+def environment_world_size() -> int:
+    """``WORLD_SIZE`` as set by ``torchrun`` (1 when unset).
+
+    Examples
+    --------
+    >>> import os; os.environ.pop("WORLD_SIZE", None) and None
+    >>> environment_world_size()
+    1
+    """
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world_size = int(value)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an integer, got {value!r}") from None
+    if world_size < 1:
+        raise ValueError(f"WORLD_SIZE must be >= 1, got {world_size}")
+    return world_size
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands in a data-parallel run.
+
+    Attributes
+    ----------
+    world_size : int
+        Number of processes (1: not distributed).
+    rank : int
+        This process's global rank; rank 0 writes the run's files.
+    local_rank : int
+        Its rank on this machine (picks the CUDA device).
+    backend : str or None
+        ``"gloo"`` or ``"nccl"``; None when not distributed.
+
+    Examples
+    --------
+    >>> ctx = DistributedContext()
+    >>> ctx.enabled, ctx.is_main
+    (False, True)
+    >>> x, y = ctx.shard(torch.arange(5), torch.arange(5))
+    >>> x.tolist()
+    [0, 1, 2, 3, 4]
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether more than one process trains."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0 (the one that writes metrics and checkpoints)."""
+        return self.rank == 0
+
+    def shard(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This rank's contiguous slice of each tensor along dim 0.
+
+        Convention: slices as :func:`torch.tensor_split` cuts them (the first
+        ``len % world_size`` ranks get one more row); a rank may get none.
+
+        Examples
+        --------
+        >>> DistributedContext(world_size=2, rank=1).shard(torch.arange(5))[0].tolist()
+        [3, 4]
+        """
+        if not self.enabled:
+            return tensors
+        return tuple(tensor.tensor_split(self.world_size)[self.rank] for tensor in tensors)
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """``model`` in :class:`~torch.nn.parallel.DistributedDataParallel` (itself when not distributed).
+
+        DDP broadcasts rank 0's weights and buffers at construction, so every
+        rank starts from the same model.
+        """
+        if not self.enabled:
+            return model
+        device_ids = [device.index if device.index is not None else self.local_rank] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of ``tensor`` over all ranks (``tensor`` itself when not distributed)."""
+        if not self.enabled:
+            return tensor
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op when not distributed)."""
+        if self.enabled:
+            dist.barrier()
+
+    def device_for(self, device: torch.device) -> torch.device:
+        """The device this rank trains on: ``cuda:LOCAL_RANK`` when ``device`` is CUDA, else ``device``."""
+        if self.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        return device
+
+
+def setup_distributed(device: torch.device | str = "cpu", *, timeout_s: float = 1800.0) -> DistributedContext:
+    """Join the process group described by the ``torchrun`` environment; a no-op outside one.
+
+    Parameters
+    ----------
+    device : torch.device or str
+        The training device type picks the backend: ``nccl`` for CUDA, ``gloo`` otherwise.
+    timeout_s : float
+        Collective timeout.
+
+    Returns
+    -------
+    DistributedContext
+        The single-process context when ``WORLD_SIZE`` is unset or 1.
+
+    Raises
+    ------
+    ValueError
+        If ``RANK``/``LOCAL_RANK`` are missing or inconsistent, or the
+        process group already exists with another world size.
+
+    Examples
+    --------
+    >>> setup_distributed("cpu").enabled  # outside torchrun
+    False
+    """
+    world_size = environment_world_size()
+    if world_size == 1:
+        return DistributedContext()
+    try:
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    except (KeyError, ValueError):
+        raise ValueError("WORLD_SIZE > 1 but RANK is missing or not an integer: launch with torchrun") from None
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK {rank} is outside [0, WORLD_SIZE={world_size})")
+    device = torch.device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized():
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise ValueError(
+                f"a process group exists with world size {dist.get_world_size()} and rank {dist.get_rank()}, "
+                f"but the environment says {world_size} and {rank}"
+            )
+        return DistributedContext(world_size, rank, local_rank, dist.get_backend())
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    atexit.register(shutdown_distributed)
+    return DistributedContext(world_size, rank, local_rank, backend)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if this process is in one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
