@@ -21,11 +21,14 @@ Models must never be trained on ``"heldout"``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
+import sys
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -278,7 +281,8 @@ def _load_with_opencv(path: Path, max_pixels: int | None) -> np.ndarray:
 
     data = np.fromfile(path, dtype=np.uint8)  # imdecode copes with non-ASCII paths
     try:
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        with _quiet_opencv(cv2):
+            image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
         raise ValueError(f"{path}: corrupt or unsupported image file ({str(exc).strip().splitlines()[-1]})") from None
     if image is None:
@@ -296,6 +300,42 @@ def _load_with_opencv(path: Path, max_pixels: int | None) -> np.ndarray:
         else:
             image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return image
+
+
+@contextlib.contextmanager
+def _quiet_opencv(cv2) -> Iterator[None]:
+    """Silence what OpenCV and its decoders print to stderr while decoding one file.
+
+    A broken file must give exactly one message, the ValueError raised by the
+    caller. Without this, OpenCV's logger ("[ERROR:0@...] imdecode_ ...") and
+    the C decoders it wraps (libpng's "libpng error: Invalid IHDR data", ...)
+    write their own lines straight to file descriptor 2. Only this fallback
+    path, taken for files Pillow cannot identify, redirects it, for the
+    duration of one ``imdecode``.
+    """
+    logging = getattr(getattr(cv2, "utils", None), "logging", None)
+    previous = logging.getLogLevel() if logging is not None else None
+    if logging is not None:
+        logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+    saved_fd = None
+    try:
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            saved_fd = os.dup(2)
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # no usable fd 2 (e.g. a closed or replaced stderr): decode as is
+        saved_fd = None
+    try:
+        yield
+    finally:
+        if saved_fd is not None:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+        if logging is not None:
+            logging.setLogLevel(previous)
 
 
 def load_image_folder(
