@@ -84,8 +84,8 @@ def train_one(seed: int, args, train_images, train_labels, test, *, bounds: bool
         torch.manual_seed(seed)
         model = classifier("st-cnn", "affine", (42, 42), bounds=bounds)
         config = TrainConfig(
-            epochs=args.epochs, batch_size=256, optimizer="sgd", lr=0.01, momentum=0.9,
-            localisation_lr_scale=args.loc_scale if loc_scale is None else loc_scale, lr_schedule="cosine",
+            epochs=args.epochs, batch_size=args.batch_size, optimizer="sgd", lr=0.01, momentum=0.9,
+            localisation_lr_scale=args.loc_scale if loc_scale is None else loc_scale, lr_schedule=args.schedule,
             seed=seed, checkpoint_every=args.checkpoint_every, out_dir=None, progress=False, max_steps=max_steps,
         )
         trainer = Trainer(model, None, train.epoch, (test_x, test_y), config, guard=guard)
@@ -110,17 +110,22 @@ def train_one(seed: int, args, train_images, train_labels, test, *, bounds: bool
     }
 
 
-def _markdown(args, seeds: list[dict], failure: list[dict], command: str) -> str:
-    machine = f"{platform.node() or 'unknown host'}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs " \
-              f"(shared), torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+def _machine() -> str:
+    return (f"{platform.node() or 'unknown host'}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+            f"(shared with other jobs), torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+
+
+def _markdown(args, seeds: list[dict], failure: list[dict], command: str, failure_args=None, failure_command: str = "") -> str:
+    failure_args = failure_args or args
     lines = [
         "# Seed robustness of ST-CNN on RTS-distorted MNIST",
         "",
         f"- Date: {dt.date.today().isoformat()}",
         f"- Command: `{command}`",
-        f"- Machine: {machine}",
+        f"- Machine: {args.machine}",
         f"- Budget: {args.epochs} epochs on the first {args.train_digits} MNIST training digits (RTS redrawn every epoch), "
-        f"batch 256, SGD lr 0.01, momentum 0.9, localisation lr x{args.loc_scale}, cosine schedule, bounded affine head; "
+        f"batch {args.batch_size}, SGD lr 0.01, momentum 0.9, localisation lr x{args.loc_scale} (the `stnkit train` "
+        f"default), {args.schedule} schedule{' (constant lr)' if args.schedule == 'step' else ''}, bounded affine head; "
         f"test: {args.test_count} RTS test digits (test seed 0). The paper trains far longer: these errors are "
         "a short-budget check that every seed converges, not a reproduction of Table 1.",
         f"- Converged: final test error < {args.max_error:.0%} and no collapse (no guard event, no rollback).",
@@ -141,10 +146,13 @@ def _markdown(args, seeds: list[dict], failure: list[dict], command: str) -> str
             "",
             "## Failure mode: unbounded head, localisation lr too high",
             "",
-            f"ST-CNN with `bounds=False` and localisation lr x{args.failure_loc_scale} (i.e. "
-            f"{0.01 * args.failure_loc_scale:g}), seed {args.failure_seed}, {args.failure_steps} steps, same data; "
-            "guard off, then on (default thresholds, `max_nonfinite=5`, good state refreshed every "
-            f"{args.checkpoint_every} steps).",
+            f"Command: `{failure_command or command}`",
+            "",
+            f"ST-CNN with `bounds=False` and localisation lr x{failure_args.failure_loc_scale} (i.e. "
+            f"{0.01 * failure_args.failure_loc_scale:g}), seed {failure_args.failure_seed}, {failure_args.failure_steps} "
+            f"steps (batch {failure_args.batch_size}, {failure_args.schedule} schedule) on the same data, "
+            f"{failure_args.test_count} test digits; guard off, then on (default thresholds, `max_nonfinite=5`, "
+            f"good state refreshed every {failure_args.checkpoint_every} steps).",
             "",
             "| guard | test error | median abs det | median std ratio | guard events | skipped | rollbacks | final loc lr factor |",
             "|:---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -174,8 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--failure-steps", type=int, default=120)
     parser.add_argument("--failure-seed", type=int, default=0)
     parser.add_argument("--data", default=None, help="Data root (default: $STNKIT_DATA).")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--schedule", choices=["cosine", "step"], default="cosine", help="'step' with no steps: constant lr.")
     parser.add_argument("--out", default=str(RESULTS / "seeds.md"))
+    parser.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                        help="Only write --out from the .json files of earlier runs (seed tables merged).")
     args = parser.parse_args(argv)
+    if args.render:
+        return render(args.render, Path(args.out))
 
     images, labels = load_mnist("train", args.data)
     train_images, train_labels = images[: args.train_digits], labels[: args.train_digits]
@@ -188,9 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     seeds, failure = [], []
 
+    args.machine = _machine()
+
     def save() -> None:
         out.write_text(_markdown(args, seeds, failure, command))
-        payload = {"command": command, "seeds": seeds, "failure": failure}
+        config = {k: v for k, v in vars(args).items() if k not in ("render",)}
+        payload = {"command": command, "date": dt.date.today().isoformat(), "config": config, "seeds": seeds, "failure": failure}
         out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
 
     for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
@@ -204,6 +221,24 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(failure[-1]), flush=True)
             save()
     save()
+    return 0
+
+
+def render(json_files: list[str], out: Path) -> int:
+    """Merge the seed tables of several runs (e.g. seeds split over two processes) into one report."""
+    runs = [json.loads(Path(name).read_text()) for name in json_files]
+    seed_runs = [run for run in runs if run["seeds"]]
+    failure_runs = [run for run in runs if run["failure"]]
+    if not seed_runs:
+        raise SystemExit("--render: none of the files holds seed results")
+    args = argparse.Namespace(**seed_runs[0]["config"])
+    seeds = sorted((r for run in seed_runs for r in run["seeds"]), key=lambda r: r["seed"])
+    failure = failure_runs[0]["failure"] if failure_runs else []
+    failure_args = argparse.Namespace(**failure_runs[0]["config"]) if failure_runs else None
+    commands = " ; ".join(run["command"] for run in seed_runs)
+    out.write_text(_markdown(args, seeds, failure, commands, failure_args,
+                             failure_runs[0]["command"] if failure_runs else ""))
+    out.with_suffix(".json").write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     return 0
 
 
