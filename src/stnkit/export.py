@@ -35,6 +35,7 @@ True
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 import warnings
@@ -208,23 +209,30 @@ def export_model(
     batch = torch.export.Dim("batch", min=1, max=65536)
     dynamic_shapes = tuple({0: batch} for _ in inputs)
     path = Path(path)
-    with warnings.catch_warnings():
-        # SpatialTransformer keeps last_theta for inspection; it is not part of the graph.
-        warnings.filterwarnings("ignore", message=".*was assigned during export.*")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
-        program = torch.onnx.export(
-            graph,
-            inputs,
-            str(path),
-            dynamo=True,
-            opset_version=opset,
-            input_names=names,
-            output_names=outputs,
-            dynamic_shapes=dynamic_shapes,
-            external_data=False,
-            verbose=False,
-        )
+    # "torchvision is not installed. Skipping torchvision::nms" and the like: noise for these models.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # SpatialTransformer keeps last_theta for inspection; it is not part of the graph.
+            warnings.filterwarnings("ignore", message=".*was assigned during export.*")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+            program = torch.onnx.export(
+                graph,
+                inputs,
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=names,
+                output_names=outputs,
+                dynamic_shapes=dynamic_shapes,
+                external_data=False,
+                verbose=False,
+            )
+    finally:
+        registration_log.setLevel(level)
     _check_no_forbidden_ops(program)
     proto = onnx.load(str(path))
     foreign = sorted({f"{node.domain}::{node.op_type}" for node in proto.graph.node if node.domain not in ("", "ai.onnx")})
