@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import torch
 
-from ..models.checkpoint import load_checkpoint
+from ..models.checkpoint import load_checkpoint, load_model
 from ..models.classifiers import MODEL_NAMES, classifier, count_parameters
 from ..training.trainer import LAST_CHECKPOINT, TrainConfig, Trainer
 from ._options import data_options, limit, run_info, task_splits
@@ -38,13 +38,14 @@ from .main import CLIError
 @click.option("--eval-every", type=int, default=0, help="Steps between test evaluations (0: epoch ends).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps in total (resume continues).")
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:N or auto.")
+@click.option("--init", "init_from", default=None, help="Start from the weights of this checkpoint (path or shipped name), with a new schedule.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def command(
     task, data_root, digit_sample, model_name, transform, out_dir, epochs, batch_size, optimizer, lr, momentum,
     weight_decay, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, train_limit, test_limit,
-    checkpoint_every, eval_every, max_steps, device, resume, overwrite, progress,
+    checkpoint_every, eval_every, max_steps, device, init_from, resume, overwrite, progress,
 ):
     """Train a classifier (FCN, CNN, ST-FCN, ST-CNN) on a distorted-MNIST task."""
     out = Path(out_dir)
@@ -77,9 +78,17 @@ def command(
             **overrides,
         )
         torch.manual_seed(seed)
-        model = classifier(model_name, transform, (train.size, train.size))
+        if init_from is not None:
+            model = load_model(init_from)
+            model.train()
+            if getattr(model, "transform_input", None) is None:
+                raise CLIError(f"--init {init_from}: not a classifier checkpoint")
+            model_name = model.stnkit_config.get("model", model_name)
+            transform = model.stnkit_config.get("transform", transform)
+        else:
+            model = classifier(model_name, transform, (train.size, train.size))
         info = run_info(task, data_root, digit_sample, test_seed)
-        info.update(train_limit=train_limit, test_limit=test_limit)
+        info.update(train_limit=train_limit, test_limit=test_limit, init=init_from)
         click.echo(f"{model_name} ({transform if model_name.startswith('st-') else 'no transformer'}) on {task}: "
                    f"{count_parameters(model):,} parameters, {len(train)} training digits, {len(test_data[0])} test digits")
         trainer = Trainer(model, None, epoch_data, test_data, config, run_info=info)
