@@ -154,6 +154,8 @@ class TrainConfig:
         Also write every metrics row to ``out_dir/tb`` for TensorBoard (needs
         the ``tensorboard`` package; without it a warning and CSV only).
 
+    Notes
+    -----
     Under ``torchrun`` the run is data-parallel (see
     :mod:`stnkit.training.distributed`): ``batch_size`` is the global batch.
 
