@@ -205,5 +205,14 @@ def warp(
     if theta.shape[0] != x.shape[0] and theta.shape[0] != 1:
         raise ValueError(f"batch mismatch: x has {x.shape[0]} images but theta has {theta.shape[0]} rows")
     out_size = check_size(tuple(x.shape[-2:]) if out_size is None else out_size)
+    # --- fused fast path (stnkit.sampling.fused; see docs/speed.md) --------------------------
+    # Matrix families, bilinear/nearest, CPU float32/float64: the compiled kernel computes each
+    # sampling point inside the sampler (same values, no grid). Everything else, and every error,
+    # goes through the reference path below. STNKIT_FUSED=0 turns the fused path off.
+    from . import fused
+
+    if fused.fused_applicable(x, theta, transform, mode, padding_mode, fill_value):
+        return fused.fused_warp(x, theta, transform, out_size, mode, padding_mode, fill_value)
+    # --- end of fused fast path ------------------------------------------------------------
     grid = transform.grid(theta, out_size)
     return sample(x, grid, mode=mode, padding_mode=padding_mode, fill_value=fill_value)
