@@ -106,7 +106,8 @@ def train_one(seed: int, args, train_images, train_labels, test, *, bounds: bool
         "guard_events": len(trainer.guard.events) if trainer.guard is not None else None,
         "first_guard_event": (f"step {trainer.guard.events[0].step}: {trainer.guard.events[0].reason}"
                               if trainer.guard is not None and trainer.guard.events else None),
-        "log": recorder.lines[:6], "seconds": round(seconds, 1), **health,
+        "log": recorder.lines[:6] + [line for line in recorder.lines[6:] if "restored the last good" in line][:4],
+        "seconds": round(seconds, 1), **health,
     }
 
 
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 def render(json_files: list[str], out: Path) -> int:
     """Merge the seed tables of several runs (e.g. seeds split over two processes) into one report."""
     runs = [json.loads(Path(name).read_text()) for name in json_files]
+    out.parent.mkdir(parents=True, exist_ok=True)
     seed_runs = [run for run in runs if run["seeds"]]
     failure_runs = [run for run in runs if run["failure"]]
     if not seed_runs:
