@@ -129,15 +129,20 @@ def _markdown(args, seeds: list[dict], failure: list[dict], command: str, failur
         f"default), {args.schedule} schedule{' (constant lr)' if args.schedule == 'step' else ''}, bounded affine head; "
         f"test: {args.test_count} RTS test digits (test seed 0). The paper trains far longer: these errors are "
         "a short-budget check that every seed converges, not a reproduction of Table 1.",
-        f"- Converged: final test error < {args.max_error:.0%} and no collapse (no guard event, no rollback).",
+        "- Collapsed: any guard event or roll-back, or a final median output/input std ratio below 0.1 "
+        "(blank outputs) on 1000 test digits.",
+        f"- Error target: final test error below {args.max_error:.0%} (set before the runs).",
         "",
-        "| seed | steps | test error | median abs det | median std ratio | guard events | skipped | converged | time (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
+        "| seed | steps | test error | median abs det | median std ratio | guard events | skipped | collapsed | "
+        f"error < {args.max_error:.0%} | time (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|---:|",
     ]
     for r in seeds:
-        ok = r["test_error"] < args.max_error and not r["guard_events"] and not r["rollbacks"]
+        collapsed = bool(r["guard_events"] or r["rollbacks"] or r["median_std_ratio"] < 0.1)
         lines.append(f"| {r['seed']} | {r['steps']} | {100 * r['test_error']:.2f}% | {r['median_abs_det']:.3f} | "
-                     f"{r['median_std_ratio']:.3f} | {r['guard_events']} | {r['skipped_steps']} | {'yes' if ok else '**no**'} | {r['seconds']} |")
+                     f"{r['median_std_ratio']:.3f} | {r['guard_events']} | {r['skipped_steps']} | "
+                     f"{'**yes**' if collapsed else 'no'} | {'yes' if r['test_error'] < args.max_error else '**no**'} | "
+                     f"{r['seconds']} |")
     if seeds:
         errors = np.array([r["test_error"] for r in seeds]) * 100
         lines += ["", f"Mean test error {errors.mean():.2f}% (std {errors.std(ddof=1) if len(errors) > 1 else 0:.2f}, "
