@@ -323,3 +323,49 @@ def test_guard_leaves_a_healthy_run_bit_identical():
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def _diverging_model(at_call: int):
+    """ST-FCN whose localisation weights turn NaN once (what an inf gradient step does), at one training pass."""
+    model = classifier("st-fcn", "affine", (12, 12), num_classes=4)
+    head = model.transformer.localisation.head.linear
+    calls = {"n": 0}
+
+    def sabotage(module, args):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                with torch.no_grad():
+                    head.weight.fill_(float("nan"))
+
+    model.transformer.register_forward_pre_hook(sabotage)
+    return model
+
+
+def test_nan_localisation_weights_are_rolled_back_instead_of_stopping_the_run():
+    torch.manual_seed(0)
+    model = _diverging_model(at_call=6)
+    config = TrainConfig(epochs=1, batch_size=8, lr=0.01, checkpoint_every=2, max_nonfinite=3, progress=False)
+    trainer = Trainer(model, None, lambda epoch: _blob_data(96), _blob_data(32, seed=1), config)
+    result = trainer.fit()
+    assert result.skipped_steps == 3 and result.localisation_lr_factor == 0.5
+    assert all("NaN/Inf" in event.reason for event in trainer.guard.events)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert result.steps == 12
+
+
+def test_without_the_guard_nan_localisation_weights_stop_the_run():
+    torch.manual_seed(0)
+    config = TrainConfig(epochs=1, batch_size=8, lr=0.01, progress=False)
+    trainer = Trainer(_diverging_model(at_call=3), None, lambda epoch: _blob_data(32), _blob_data(8), config, guard=False)
+    with pytest.raises(ValueError, match="theta contains NaN or Inf"):
+        trainer.fit()
+
+
+def test_the_guard_never_touches_theta_in_eval_mode():
+    model = _diverging_model(at_call=1)
+    guard = CollapseGuard().attach(model)
+    model.train()(torch.rand(2, 1, 12, 12))  # the sabotage fires: weights are NaN now
+    guard.check(step=1)
+    with pytest.raises(ValueError, match="theta contains NaN or Inf"):
+        model.eval()(torch.rand(2, 1, 12, 12))

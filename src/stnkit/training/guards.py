@@ -17,7 +17,10 @@ at least ``max_bad_fraction`` of the batch,
   that of the input image (the output went blank or flat), or
 * ``|det|`` of the linear part of a matrix transform leaves
   ``[min_det, max_det]`` (scale running to zero or infinity), or
-* ``theta`` is not finite.
+* ``theta`` is not finite (for any image: diverged weights). Such rows are
+  replaced by the identity before the warp, which would otherwise stop the
+  run with ``ValueError: theta contains NaN or Inf``; the step is flagged, so
+  nothing computed from the replacement is ever applied.
 
 Recovery policy
 ---------------
@@ -141,6 +144,7 @@ class CollapseGuard:
         self.events: list[GuardEvent] = []
         self._pending: list[dict[str, float]] = []
         self._handles: list[Any] = []
+        self._replaced = 0.0  # fraction of theta rows replaced in the current forward pass
 
     # ------------------------------------------------------------ wiring
     def attach(self, model: nn.Module) -> CollapseGuard:
@@ -153,6 +157,8 @@ class CollapseGuard:
         for module in model.modules():
             if isinstance(module, SpatialTransformer):
                 self._handles.append(module.register_forward_hook(self._hook))
+                self._handles.append(module.localisation.register_forward_hook(
+                    lambda net, args, theta, st=module: self._sanitise_theta(net, theta, st.transform)))
         return self
 
     def detach(self) -> None:
@@ -168,12 +174,28 @@ class CollapseGuard:
         return len(self._handles)
 
     # ------------------------------------------------------------ detection
+    def _sanitise_theta(self, module: nn.Module, theta: Any, transform: Any) -> Tensor | None:
+        """Forward hook on a localisation net: non-finite rows of ``theta`` become the identity (training only)."""
+        if not module.training or not isinstance(theta, Tensor) or theta.dim() != 2:
+            return None
+        finite = torch.isfinite(theta).all(dim=1, keepdim=True)
+        if bool(finite.all()):
+            return None
+        self._replaced = max(self._replaced, 1.0 - float(finite.float().mean()))
+        if getattr(transform, "num_params", None) != theta.shape[1]:
+            return None  # no known identity: the warp will raise its own clear error
+        identity = transform.identity(theta.shape[0], device=theta.device, dtype=theta.dtype)
+        return torch.where(finite, theta, identity)
+
     def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if not module.training or not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             return
         with torch.no_grad():
-            self._pending.append(self.measure(module.transform, module.last_theta, args[0], output))
-            del self._pending[:-16]  # forward passes nobody checks must not pile up
+            stats = self.measure(module.transform, module.last_theta, args[0], output)
+        stats["nonfinite_theta"] = max(stats["nonfinite_theta"], self._replaced)
+        self._replaced = 0.0
+        self._pending.append(stats)
+        del self._pending[:-16]  # forward passes nobody checks must not pile up
 
     def measure(self, transform: Any, theta: Tensor | None, x: Tensor, out: Tensor) -> dict[str, float]:
         """Fractions of bad images in one forward pass: blank output, ``|det|`` out of range, non-finite theta.
@@ -220,8 +242,8 @@ class CollapseGuard:
 
     def _judge(self, stats: dict[str, float]) -> str | None:
         limit = self.max_bad_fraction
-        if stats["nonfinite_theta"] >= limit:
-            return f"theta is NaN/Inf for {stats['nonfinite_theta']:.0%} of the batch"
+        if stats["nonfinite_theta"] > 0:  # any: the forward pass ran on replaced parameters
+            return f"theta is NaN/Inf for {stats['nonfinite_theta']:.0%} of the batch (replaced by the identity)"
         if stats["blank"] >= limit:
             return (f"warped output blank for {stats['blank']:.0%} of the batch (median std ratio "
                     f"{stats['std_ratio']:.3g} < {self.min_std_ratio:g})")
