@@ -7,6 +7,9 @@ ValueError that names the problem: never in NaN/Inf without a word.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -98,8 +101,16 @@ def test_composing_to_a_matrix_with_zero_h33_is_a_clear_error():
 def test_degenerate_corner_homography_is_a_clear_error(offsets):
     with pytest.raises(ValueError, match="degenerate transform"):
         Projective("corners").grid(torch.tensor([offsets]), (8, 8))
-    with pytest.raises(ValueError, match="degenerate transform"):
-        warp(torch.rand(1, 1, 8, 8), torch.tensor([offsets]), Projective("corners"))
+    # warp() in a child process: a native fast path that crashed on the NaN matrix
+    # would take the whole test session down with it.
+    code = (
+        "import torch\nfrom stnkit.sampling import warp\nfrom stnkit.transforms import Projective\n"
+        f"warp(torch.rand(1, 1, 8, 8), torch.tensor([{offsets!r}]), Projective('corners'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, f"exit code {result.returncode} (negative: killed by a signal)\n{result.stderr[-500:]}"
+    assert "ValueError" in result.stderr and "degenerate transform" in result.stderr, result.stderr[-500:]
 
 
 # ---------------------------------------------------------------- extreme scales
