@@ -145,3 +145,27 @@ def test_torch_export_with_dynamic_batch():
     assert not any("linalg" in name or "affine_grid" in name for name in targets), targets
     x = torch.rand(5, 1, 28, 28)
     torch.testing.assert_close(program.module()(x), model(x))
+
+
+# --- shipped models -----------------------------------------------------------------
+
+
+def _shipped(name: str) -> str:
+    from stnkit.models.checkpoint import shipped_models
+
+    if name not in shipped_models():
+        pytest.skip(f"{name} is not shipped in this build")
+    return name
+
+
+def test_cli_exports_the_shipped_classifier_by_name(tmp_path, capsys):
+    out = tmp_path / "mnist-rts.onnx"
+    assert main(["export", _shipped("mnist-rts"), "--format", "onnx", "-o", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["inputs"] == {"images": ["N", 1, 42, 42]} and summary["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.slow
+def test_shipped_aligner_exports(tmp_path):
+    report = export_onnx(_shipped("aligner-projective"), tmp_path / "aligner.onnx")
+    assert report.outputs["theta"] == ["N", 8] and report.max_abs_diff < 1e-4

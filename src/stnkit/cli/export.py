@@ -15,7 +15,7 @@ from .main import CLIError
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="The .onnx file to write.")
 @click.option("--opset", type=int, default=18, help="ONNX opset (>= 16, for GridSample; 18 is the exporter's native one).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--verify/--no-verify", default=True, help="Compare onnxruntime with PyTorch on random inputs (batch 1 and 3).")
+@click.option("--verify/--no-verify", default=True, help="Compare onnxruntime with PyTorch on random smooth images (batch 1 and 3).")
 @click.option("--atol", type=float, default=1e-4, help="Largest accepted |onnxruntime - torch| when verifying.")
 def command(checkpoint, format_, output, opset, overwrite, verify, atol):
     """Export CHECKPOINT (a checkpoint file or a shipped model's name, e.g. mnist-rts) to ONNX.
