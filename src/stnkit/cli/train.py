@@ -10,6 +10,7 @@ import torch
 
 from ..models.checkpoint import load_checkpoint, load_model
 from ..models.classifiers import MODEL_NAMES, classifier, count_parameters
+from ..models.invariance_models import INVARIANCE_VARIANTS, invariance_model
 from ..training.trainer import LAST_CHECKPOINT, TrainConfig, Trainer
 from ._options import data_options, limit, run_info, task_splits
 from .main import CLIError
@@ -17,7 +18,14 @@ from .main import CLIError
 
 @click.command(context_settings={"show_default": True})
 @data_options
-@click.option("--model", "model_name", type=click.Choice(MODEL_NAMES), default="st-cnn", help="Architecture.")
+@click.option(
+    "--model",
+    "model_name",
+    type=click.Choice(MODEL_NAMES + INVARIANCE_VARIANTS[1:]),
+    default="st-cnn",
+    help="Architecture: the ST paper's models, or the STN variants of Finnveden et al. (stn-*).",
+)
+@click.option("--layer", type=int, default=2, help="stn-features/-deep-loc/-shared/-iterative: the classifier block k.")
 @click.option("--transform", default="affine", help="Transformer family of ST models: affine, projective, tps, ...")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Run folder (metrics, plot, checkpoints).")
 @click.option("--epochs", type=int, default=None, help="Passes over the training set, distortions redrawn each epoch [default: 20; on --resume, the run's own].")
@@ -43,7 +51,7 @@ from .main import CLIError
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def command(
-    task, data_root, digit_sample, model_name, transform, out_dir, epochs, batch_size, optimizer, lr, momentum,
+    task, data_root, digit_sample, model_name, layer, transform, out_dir, epochs, batch_size, optimizer, lr, momentum,
     weight_decay, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, train_limit, test_limit,
     checkpoint_every, eval_every, max_steps, device, init_from, resume, overwrite, progress,
 ):
@@ -85,12 +93,16 @@ def command(
                 raise CLIError(f"--init {init_from}: not a classifier checkpoint")
             model_name = model.stnkit_config.get("model", model_name)
             transform = model.stnkit_config.get("transform", transform)
+        elif model_name in INVARIANCE_VARIANTS:
+            model = invariance_model(model_name, transform, (train.size, train.size), layer=layer)
         else:
             model = classifier(model_name, transform, (train.size, train.size))
         info = run_info(task, data_root, digit_sample, test_seed)
         info.update(train_limit=train_limit, test_limit=test_limit, init=init_from)
-        click.echo(f"{model_name} ({transform if model_name.startswith('st-') else 'no transformer'}) on {task}: "
-                   f"{count_parameters(model):,} parameters, {len(train)} training digits, {len(test_data[0])} test digits")
+        has_transformer = model_name.startswith(("st-", "stn-"))
+        train_count = len(train) if train_limit is None else min(train_limit, len(train))
+        click.echo(f"{model_name} ({transform if has_transformer else 'no transformer'}) on {task}: "
+                   f"{count_parameters(model):,} parameters, {train_count} training digits, {len(test_data[0])} test digits")
         trainer = Trainer(model, None, epoch_data, test_data, config, run_info=info)
     result = trainer.fit()
     summary = {
