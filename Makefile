@@ -7,13 +7,13 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv install demo test bench clean
+.PHONY: venv install demo test docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[all,test]"
+	$(PY) -m pip install -q -e ".[all,export,test]"
 	touch $@
 
 venv install: $(VENV)/.installed
@@ -23,6 +23,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+docs: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info

@@ -50,10 +50,13 @@ from .main import CLIError
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off",
+              help="Mixed precision: bf16 autocast (CPU or GPU), fp16 with a gradient scaler (GPU).")
+@click.option("--tensorboard", is_flag=True, help="Also write the metrics to OUT/tb for TensorBoard.")
 def command(
     task, data_root, digit_sample, model_name, layer, transform, out_dir, epochs, batch_size, optimizer, lr, momentum,
     weight_decay, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, train_limit, test_limit,
-    checkpoint_every, eval_every, max_steps, device, init_from, resume, overwrite, progress,
+    checkpoint_every, eval_every, max_steps, device, init_from, resume, overwrite, progress, amp, tensorboard,
 ):
     """Train a classifier (FCN, CNN, ST-FCN, ST-CNN) on a distorted-MNIST task."""
     out = Path(out_dir)
@@ -70,7 +73,7 @@ def command(
     def epoch_data(epoch: int):
         return limit(*train.epoch(epoch), train_limit)
 
-    overrides = {"progress": progress, "device": device, "max_steps": max_steps}
+    overrides = {"progress": progress, "device": device, "max_steps": max_steps, "amp": amp, "tensorboard": tensorboard}
     if epochs is not None:
         overrides["epochs"] = epochs
     elif not resume:
@@ -110,4 +113,5 @@ def command(
         "test_error": result.test_error, "best_test_error": result.best_test_error,
         "skipped_steps": result.skipped_steps, "out": str(out),
     }
-    click.echo(json.dumps(summary))
+    if trainer.dist.is_main:  # under torchrun, print once
+        click.echo(json.dumps(summary))

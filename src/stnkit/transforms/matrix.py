@@ -258,8 +258,9 @@ class Projective(MatrixTransform):
     >>> h = Projective("corners")
     >>> theta = torch.tensor([[0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
     >>> corner = torch.tensor([-1.0, -1.0, 1.0])
-    >>> (h.matrix(theta)[0] @ corner).tolist()  # the top-left corner moved by 0.1 in x
-    [-0.8999999761581421, -1.0, 1.0]
+    >>> mapped = h.matrix(theta)[0] @ corner
+    >>> [round(v, 6) for v in (mapped[:2] / mapped[2]).tolist()]  # the top-left corner moved by 0.1 in x
+    [-0.9, -1.0]
     """
 
     name = "projective"
