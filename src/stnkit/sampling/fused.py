@@ -30,6 +30,13 @@ fused path off (``STNKIT_FUSED=torch`` selects the torch implementation).
 Convention: as everywhere in stnkit, the matrix maps *output* normalised points
 to *input* normalised points, ``-1``/``+1`` at the image edges
 (``align_corners=False``); see :mod:`stnkit.transforms.base`.
+
+Agreement with the reference path: to rounding (``1e-12`` in float64), except
+beyond a homography's horizon with ``padding_mode="reflection"``, where both
+paths reflect points ~1e7 (float32) to ~1e16 (float64) pixels away and the
+result depends on rounding. The kernel source ships as package data
+(``_kernels/warp_cpu.c``); where it is missing or no compiler is found, the
+torch implementation is used.
 """
 
 from __future__ import annotations
