@@ -180,3 +180,17 @@ def test_gpu_inputs_take_the_reference_path():
     assert not fused_applicable(x, theta, "affine")
     out = fused_warp(x, theta, "affine", implementation="torch")
     torch.testing.assert_close(out, warp(x, theta, "affine"), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_empty_batch_and_no_channels(implementation):
+    x = torch.rand(0, 2, 5, 5, requires_grad=True)
+    theta = torch.zeros(0, 6, requires_grad=True)
+    out = fused_warp(x, theta, "affine", implementation=implementation)
+    out.sum().backward()
+    assert out.shape == (0, 2, 5, 5) and x.grad.shape == x.shape and theta.grad.shape == theta.shape
+    x = torch.rand(2, 0, 5, 5)
+    theta = get_transform("affine").identity(2).requires_grad_(True)
+    out = fused_warp(x, theta, "affine", padding_mode="fill", fill_value=0.5, implementation=implementation)
+    out.sum().backward()
+    assert out.shape == (2, 0, 5, 5) and torch.equal(theta.grad, torch.zeros(2, 6))

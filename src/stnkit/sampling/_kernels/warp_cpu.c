@@ -350,6 +350,7 @@ void S(stn_warp_forward)(const T *in, T *out, const T *mats, long mat_stride, lo
     const long chunk = Wo * Ho <= 16384 ? Ho : (16384 + Wo - 1) / Wo;
     const long per_image = (Ho + chunk - 1) / chunk;
     const long tasks = N * per_image;
+    if (tasks == 0) return;
     const int nt = threads_for(nthreads) < tasks ? threads_for(nthreads) : (int)tasks;
 #pragma omp parallel num_threads(nt)
     {
@@ -396,6 +397,7 @@ void S(stn_warp_backward)(const T *in, const T *gout, T *gin, double *grad_mats,
                           double eps, const T *fill, int nthreads) {
     const int nt = threads_for(nthreads);
     if (grad_mats) memset(grad_mats, 0, sizeof(double) * 9 * N);
+    if (N == 0) return;
     if (N >= nt || nt == 1 || !gin) {
         /* One image per task, so no two threads write the same input gradient; without an input
            gradient to scatter, images are split into row chunks too, each with its own partial sums. */
