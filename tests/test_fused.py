@@ -84,10 +84,10 @@ def test_float32_matches_the_reference(family, mode, padding_mode):
 
 
 @pytest.mark.skipif(not fused_available(), reason="no C compiler: fused C kernel unavailable")
-@pytest.mark.parametrize("shape", [(1, 3, 70, 90), (5, 1, 33, 17), (2, 4, 8, 2000)])
+@pytest.mark.parametrize("shape", [(1, 3, 70, 90), (1, 1, 40, 50), (5, 1, 33, 17), (2, 4, 8, 2000)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_threading_and_shapes(shape, threads, monkeypatch):
-    # One image (rows split over threads, private input gradients), several images, long rows.
+    # One image (channels or, with fewer channels than threads, rows split over threads), several images, long rows.
     monkeypatch.setattr(fused, "_VALUES_PER_THREAD", 1)  # thread even these small problems
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -64,7 +64,8 @@ from .sampler import InterpolationMode, PaddingMode, _check_image, _fill_tensor,
 
 __all__ = ["fused_warp", "fused_applicable", "fused_available", "kernel_status"]
 
-_KERNEL_SOURCE = Path(__file__).with_name("_kernels") / "warp_cpu.c"
+# Absolute: the kernel includes itself through __FILE__, which must resolve from any working directory.
+_KERNEL_SOURCE = (Path(__file__).resolve().parent / "_kernels" / "warp_cpu.c")
 _MODES = {InterpolationMode.BILINEAR: 0, InterpolationMode.NEAREST: 1}
 _PADDINGS = {PaddingMode.ZEROS: 0, PaddingMode.BORDER: 1, PaddingMode.REFLECTION: 2, PaddingMode.FILL: 3}
 

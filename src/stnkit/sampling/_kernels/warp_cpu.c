@@ -429,8 +429,35 @@ void S(stn_warp_backward)(const T *in, const T *gout, T *gin, double *grad_mats,
         }
         return;
     }
-    /* Fewer images than threads: split rows; each thread scatters into its own copy of the input gradient. */
     const long size = C * H * W;
+    if (C >= nt) {
+        /* Fewer images than threads but at least as many channels: split channels, so each thread
+           scatters into its own planes of the input gradient (the points are computed by every
+           thread, which is cheap); d loss / d matrix is a sum over channels, added up below. */
+        double acc[64][9];
+        for (long b = 0; b < N; ++b) {
+            memset(acc, 0, sizeof(acc));
+#pragma omp parallel num_threads(nt)
+            {
+                int t = 0, n = 1;
+                thread_info(&t, &n);
+                S(span) r;
+                if (S(span_init)(&r, Wo)) {
+                    const long c0 = C * t / n, c1 = C * (t + 1) / n;
+                    S(backward_rows)(&r, in + b * size + c0 * H * W, gout + (b * C + c0) * Ho * Wo,
+                                     gin + b * size + c0 * H * W, grad_mats ? acc[t] : NULL, mats + b * mat_stride,
+                                     c1 - c0, H, W, Ho, Wo, 0, Ho, mode, pad, projective, (T)eps, fill + c0);
+                    free(r.block);
+                }
+            }
+            if (grad_mats)
+                for (int t = 0; t < nt; ++t)
+                    for (int k = 0; k < 9; ++k) grad_mats[9 * b + k] += acc[t][k];
+        }
+        return;
+    }
+    /* Fewer images and channels than threads: split rows; each thread scatters into its own copy of the
+       input gradient. */
     T *scratch = (T *)calloc((size_t)(nt - 1) * size, sizeof(T));
     double acc[64][9];
     for (long b = 0; b < N; ++b) {
