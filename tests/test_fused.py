@@ -166,6 +166,11 @@ def test_environment_switch(monkeypatch):
     monkeypatch.setenv("STNKIT_FUSED", "0")
     assert not fused_applicable(x, theta, "affine")
     torch.testing.assert_close(warp(x, theta, "affine"), x)
+    monkeypatch.setenv("STNKIT_FUSED", "torch")
+    assert fused_applicable(x, theta, "affine")
+    out = warp(x, theta.requires_grad_(True), "affine")
+    assert type(out.grad_fn).__name__.startswith("_FusedWarpTorch")
+    torch.testing.assert_close(out, x)
 
 
 def test_kernel_status_is_printable():

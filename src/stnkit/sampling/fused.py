@@ -19,12 +19,13 @@ Two implementations, tried in this order:
 ``"torch"``
     A custom :class:`torch.autograd.Function` around ATen's grid sampler that
     keeps no grid between forward and backward and computes
-    ``d loss / d matrix`` analytically from ``d loss / d grid``. Used when no
-    compiler is available; any device.
+    ``d loss / d matrix`` analytically from ``d loss / d grid``. What
+    :func:`fused_warp` uses when no compiler is available; any device.
 
 :func:`stnkit.warp` uses the C kernel by default where it applies (see
-:func:`fused_applicable`); ``STNKIT_FUSED=0`` in the environment turns the
-fused path off (``STNKIT_FUSED=torch`` selects the torch implementation).
+:func:`fused_applicable`), and its reference path where the kernel cannot be
+built; ``STNKIT_FUSED=0`` in the environment turns the fused path off and
+``STNKIT_FUSED=torch`` makes :func:`stnkit.warp` use the torch implementation.
 ``docs/speed.md`` has the measurements behind these choices.
 
 Convention: as everywhere in stnkit, the matrix maps *output* normalised points
@@ -124,16 +125,20 @@ def _library() -> ctypes.CDLL | None:
             if compiler is None:
                 _build_error = "no C compiler found (set CC)"
                 return None
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Build into a temporary file and rename, so concurrent processes never load half a library.
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            error = _compile(compiler, _KERNEL_SOURCE, Path(tmp))
-            if error is not None:
-                os.unlink(tmp)
-                _build_error = error
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                # Build into a temporary file and rename, so concurrent processes never load half a library.
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+                os.close(fd)
+                error = _compile(compiler, _KERNEL_SOURCE, Path(tmp))
+                if error is not None:
+                    os.unlink(tmp)
+                    _build_error = error
+                    return None
+                os.replace(tmp, target)
+            except OSError as error:  # e.g. an unwritable cache directory: use the torch path
+                _build_error = f"cannot build into {target.parent}: {error}"
                 return None
-            os.replace(tmp, target)
         try:
             library = ctypes.CDLL(str(target))
         except OSError as error:
@@ -155,13 +160,18 @@ def _declare(library: ctypes.CDLL) -> None:
 
 
 def _implementation() -> str:
-    """``"c"``, ``"torch"`` or ``"off"``, from ``STNKIT_FUSED`` and what is available."""
+    """What :func:`stnkit.warp` uses: ``"c"``, ``"torch"`` or ``"off"`` (the reference path).
+
+    ``STNKIT_FUSED`` unset or ``auto``: the C kernel when it builds, else the
+    reference path. ``torch``: the torch implementation. ``0``/``off``: the
+    reference path.
+    """
     choice = os.environ.get("STNKIT_FUSED", "auto").strip().lower()
     if choice in ("0", "off", "false", "no"):
         return "off"
     if choice == "torch":
         return "torch"
-    return "c" if _library() is not None else "torch"
+    return "c" if _library() is not None else "off"
 
 
 def fused_available() -> bool:
@@ -225,7 +235,7 @@ def fused_applicable(
         return False
     if _functorch_wrapped(x) or _functorch_wrapped(theta):
         return False
-    return _implementation() == "c"
+    return _implementation() != "off"
 
 
 def _plain(tensor) -> bool:
@@ -458,7 +468,9 @@ def fused_warp(
     fill = _fill_tensor(fill_value if padding_mode is PaddingMode.FILL else 0.0, x).detach()
     fill = fill.reshape(-1).expand(x.shape[1]).contiguous()
     matrix = transform.matrix(theta)
-    implementation = implementation or ("c" if _library() is not None else "torch")
+    if implementation is None:
+        chosen = _implementation()
+        implementation = chosen if chosen != "off" else ("c" if _library() is not None else "torch")
     if implementation == "c":
         if _library() is None:
             raise RuntimeError(f"the fused C kernel is unavailable: {_build_error}")
