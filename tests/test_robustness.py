@@ -91,17 +91,6 @@ def test_composing_to_a_matrix_with_zero_h33_is_a_clear_error():
         Affine().from_matrix(torch.zeros(1, 3, 3))
 
 
-def _fused_warp_active() -> bool:
-    try:
-        from stnkit.sampling import fused
-    except ImportError:
-        return False
-    return fused.fused_applicable(torch.rand(1, 1, 8, 8), torch.zeros(1, 8), Projective("corners"))
-
-
-# Known bug, reported: the fused C warp (stnkit.sampling.fused, default in warp() since e67dea5)
-# crashes with SIGSEGV on a non-finite matrix instead of leaving it to the reference path's error.
-@pytest.mark.xfail(_fused_warp_active(), reason="fused C warp segfaults on a NaN matrix (reported)", strict=False)
 @pytest.mark.parametrize(
     "offsets",
     [

@@ -468,6 +468,13 @@ def fused_warp(
     fill = _fill_tensor(fill_value if padding_mode is PaddingMode.FILL else 0.0, x).detach()
     fill = fill.reshape(-1).expand(x.shape[1]).contiguous()
     matrix = transform.matrix(theta)
+    # A NaN or infinite matrix would send the kernel's tap indices anywhere: refuse it with the
+    # reference path's error (MatrixTransform.grid) before any native code runs.
+    if not torch.isfinite(matrix).all():
+        raise ValueError(
+            f"{type(transform).__name__}: degenerate transform, its matrix is not finite "
+            "(e.g. projective corners with three collinear points, or parameters too large for the dtype)"
+        )
     if implementation is None:
         chosen = _implementation()
         implementation = chosen if chosen != "off" else ("c" if _library() is not None else "torch")
