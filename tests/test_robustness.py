@@ -131,6 +131,34 @@ def test_extreme_scales_give_finite_outputs(scale, padding_mode, mode):
         assert out.abs().max() < 1e-3  # the image shrank to (almost) nothing
 
 
+def _fused_warp_active() -> bool:
+    try:
+        from stnkit.sampling import fused
+
+        return bool(fused.fused_applicable(torch.rand(1, 1, 8, 8), torch.zeros(1, 6), Affine()))
+    except Exception:  # no fused module or no kernel: the reference path runs
+        return False
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+def test_warp_at_an_astronomical_scale_stays_finite(padding_mode):
+    # Grid points near 3e38 (inf after the multiply-adds). A child process: a native
+    # path that crashed here would otherwise take the whole test session down.
+    code = (
+        "import torch\nfrom stnkit.sampling import warp\n"
+        "out = warp(torch.rand(1, 1, 8, 8), torch.tensor([[3e38, 0, 3e38, 0, 3e38, 0.0]]), 'affine', "
+        f"padding_mode={padding_mode!r})\n"
+        "assert torch.isfinite(out).all(), 'non-finite output'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode != 0 and _fused_warp_active():
+        # Known bug, reported: the fused C warp gives NaN (zeros padding) or SIGSEGV (reflection) here.
+        last = result.stderr.strip().splitlines()[-1:] or ["no message: killed by a signal"]
+        pytest.xfail(f"fused C warp, exit code {result.returncode}: {last[0]}")
+    assert result.returncode == 0, f"exit code {result.returncode} (negative: killed by a signal)\n{result.stderr[-500:]}"
+
+
 @pytest.mark.parametrize("value", [1e38, 3e38, float("inf"), float("-inf")])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection", "fill"])
 @pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
