@@ -94,7 +94,7 @@ class Rotation(MatrixTransform):
     --------
     >>> import math
     >>> m = Rotation().matrix(torch.tensor([[math.pi / 2, 0.0, 0.0]]))
-    >>> m[0, :2, :2].round().tolist()
+    >>> (m[0, :2, :2].round() + 0.0).tolist()  # + 0.0 turns cos(pi/2)'s rounded -0.0 into 0.0
     [[0.0, -1.0], [1.0, 0.0]]
     """
 
