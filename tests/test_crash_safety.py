@@ -122,8 +122,6 @@ def test_sigkilled_run_resumes_to_the_same_weights_and_metrics(tmp_path, referen
     assert best_a.trainer_state["test_error"] == best_b.trainer_state["test_error"]
 
 
-@pytest.mark.xfail(strict=True, reason="stnkit train --resume takes the data seed from --seed (default 0), not from "
-                   "the run's checkpoint: src/stnkit/cli/train.py calls task_splits(..., seed=seed) before reading it")
 def test_resume_without_repeating_the_seed_continues_the_same_run(tmp_path, reference_run):
     reference, finished = reference_run
     stopped = tmp_path / "stopped"

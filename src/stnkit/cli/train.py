@@ -64,8 +64,11 @@ def command(
         last = out / LAST_CHECKPOINT
         if not last.is_file():
             raise CLIError(f"--resume: no checkpoint at {last}")
-        info = (load_checkpoint(last).trainer_state or {}).get("run_info", {})
+        state = load_checkpoint(last).trainer_state or {}
+        info = state.get("run_info", {})
         task, data_root, digit_sample, test_seed = info["task"], info["data_root"], info["digit_sample"], info["test_seed"]
+        # The run's own seed drives its distortions: a resumed run must see the same data.
+        seed = state.get("train_config", {}).get("seed", seed)
         train_limit, test_limit = info.get("train_limit"), info.get("test_limit")
     train, test = task_splits(task, data_root, digit_sample, seed=seed, test_seed=test_seed)
     test_data = limit(*test.epoch(0), test_limit)

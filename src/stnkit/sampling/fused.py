@@ -61,9 +61,12 @@ from torch.autograd.function import once_differentiable
 
 from ..transforms import Transform, get_transform
 from ..transforms.base import MatrixTransform, _is_compiling, check_size, normalised_pixel_centres
-from .sampler import InterpolationMode, PaddingMode, _check_image, _fill_tensor, _parse_enum
+from .sampler import InterpolationMode, PaddingMode, _check_image, _fill_tensor, _parse_enum, sample
 
 __all__ = ["fused_warp", "fused_applicable", "fused_available", "kernel_status"]
+
+#: Matrices with a larger entry go through the reference path (see fused_warp).
+_MATRIX_LIMIT = 1e6
 
 # Absolute: the kernel includes itself through __FILE__, which must resolve from any working directory.
 _KERNEL_SOURCE = (Path(__file__).resolve().parent / "_kernels" / "warp_cpu.c")
@@ -475,6 +478,10 @@ def fused_warp(
             f"{type(transform).__name__}: degenerate transform, its matrix is not finite "
             "(e.g. projective corners with three collinear points, or parameters too large for the dtype)"
         )
+    if matrix.numel() and matrix.abs().amax() > _MATRIX_LIMIT:
+        # Far beyond any image: the kernel's float-to-int tap arithmetic would overflow. The
+        # reference path clamps such points and stays finite; it is as fast here as it matters.
+        return sample(x, transform.grid(theta, out_size), mode=mode, padding_mode=padding_mode, fill_value=fill_value)
     if implementation is None:
         chosen = _implementation()
         implementation = chosen if chosen != "off" else ("c" if _library() is not None else "torch")
