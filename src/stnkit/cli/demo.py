@@ -109,7 +109,9 @@ def command(out_dir, from_scratch, train_seconds, overwrite):
     x, y = DistortedMNIST("rts", "test", images=images, labels=labels).epoch(0)
     error = evaluate(model, x, y)
     click.echo(f"    test error on {len(y)} RTS-distorted sample digits: {100 * error:.2f}%")
-    draw_classifier_figure(model, x[:16], y[:16], figure_path, f"ST-CNN (affine) on RTS MNIST: test error {100 * error:.1f}%")
+    draw_classifier_figure(
+        model, x[:16], y[:16], figure_path, f"ST-CNN (affine) on RTS MNIST: {100 * error:.1f}% error on the {len(y)} sample test digits"
+    )
     click.echo(f"    wrote {figure_path}")
 
     if "aligner-projective" in shipped_models():
