@@ -41,23 +41,7 @@ from stnkit.data.digits import load_digit_sample
 from stnkit.models.classifiers import classifier
 from stnkit.sampling.fused import kernel_status
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
+from _machine import cpu_model, load_average  # benchmarks/ is on sys.path when a script runs
 
 
 class Runner:

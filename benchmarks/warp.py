@@ -49,29 +49,13 @@ import torch.nn.functional as F
 import stnkit
 from stnkit import sample
 from stnkit.sampling.fused import kernel_status
+
+from _machine import cpu_model, load_average  # benchmarks/ is on sys.path when a script runs
 from stnkit.transforms import get_transform
 
 SIZES = [(256, 1, 28, 28), (256, 1, 60, 60), (64, 3, 224, 224), (1, 3, 2048, 2048)]
 FAMILIES = ["affine", "projective", "tps"]
 PASSES = ["fwd", "fwd+bwd", "fwd+bwd (theta)"]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def make_theta(family: str, batch: int) -> tuple[object, torch.Tensor]:

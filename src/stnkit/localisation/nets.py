@@ -204,12 +204,25 @@ def fc_localisation(
     torch.Size([2, 6])
     """
     height, width = check_size(in_size, "in_size")
-    layers: list[nn.Module] = [nn.Flatten()]
-    features = in_channels * height * width
+    layers, features = mlp_layers(in_channels * height * width, hidden)
+    return Localisation(nn.Sequential(nn.Flatten(), *layers), RegressionHead(features, transform, bounds))
+
+
+def mlp_layers(in_features: int, hidden: Sequence[int]) -> tuple[list[nn.Module], int]:
+    """``(Linear - ReLU)`` per entry of ``hidden``, and the width of the last one.
+
+    Examples
+    --------
+    >>> layers, features = mlp_layers(784, (32, 32))
+    >>> len(layers), features
+    (4, 32)
+    """
+    layers: list[nn.Module] = []
+    features = in_features
     for width_out in hidden:
         layers += [nn.Linear(features, width_out), nn.ReLU(inplace=True)]
         features = width_out
-    return Localisation(nn.Sequential(*layers), RegressionHead(features, transform, bounds))
+    return layers, features
 
 
 def conv_localisation(

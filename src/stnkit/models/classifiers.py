@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..localisation import conv_localisation, default_bounds, fc_localisation
+from ..localisation.nets import mlp_layers
 from ..modules import SpatialTransformer
 from ..transforms import get_transform
 from ..transforms.base import check_size
@@ -49,13 +50,8 @@ MODEL_NAMES = ("fcn", "cnn", "st-fcn", "st-cnn")
 def fcn_backbone(in_channels: int, in_size: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 128)) -> nn.Sequential:
     """The fully-connected baseline: ``Flatten - (Linear - ReLU) x len(hidden) - Linear``."""
     height, width = check_size(in_size, "in_size")
-    layers: list[nn.Module] = [nn.Flatten()]
-    features = in_channels * height * width
-    for width_out in hidden:
-        layers += [nn.Linear(features, width_out), nn.ReLU(inplace=True)]
-        features = width_out
-    layers.append(nn.Linear(features, num_classes))
-    return nn.Sequential(*layers)
+    layers, features = mlp_layers(in_channels * height * width, hidden)
+    return nn.Sequential(nn.Flatten(), *layers, nn.Linear(features, num_classes))
 
 
 def cnn_backbone(in_channels: int, in_size: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 32)) -> nn.Sequential:
