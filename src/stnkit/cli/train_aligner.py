@@ -31,17 +31,19 @@ from .main import CLIError
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, help="Steps between checkpoints.")
 @click.option("--seed", type=int, default=0)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch.set_num_threads for the run.")
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun, cuda picks cuda:LOCAL_RANK).")
 @click.option("--init", "init", type=click.Path(path_type=Path), default=None,
               help="Start from the weights of this aligner checkpoint (new optimizer and schedule).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def command(images_dir, builtin, family, out_dir, steps, batch_size, lr, size, iterations, rho, photometric_weight,
-            photometric_loss, eval_every, checkpoint_every, seed, threads, init, resume, overwrite, progress) -> None:
+            photometric_loss, eval_every, checkpoint_every, seed, threads, device, init, resume, overwrite, progress) -> None:
     """Train an aligner on synthetic warps of training images (no labels needed).
 
     Validation pairs come from the built-in held-out photos with --builtin,
-    otherwise from the training images themselves.
+    otherwise from the training images themselves. Under torchrun it trains
+    data-parallel (--batch-size is the global batch; rank 0 writes the files).
     """
     from stnkit.data.images import builtin_photos, load_image_folder
     from stnkit.training.aligner_training import homographynet_ranges, train_aligner
@@ -61,6 +63,6 @@ def command(images_dir, builtin, family, out_dir, steps, batch_size, lr, size, i
         images, family, out_dir, steps, batch_size, lr, size=(size, size), iterations=iterations, ranges=ranges,
         photometric_weight=photometric_weight, photometric_kind=photometric_loss, val_images=val_images,
         eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, init=init, resume=resume, overwrite=overwrite,
-        num_threads=threads, progress=progress, log=click.echo,
+        num_threads=threads, device=device, progress=progress, log=click.echo,
     )
     click.echo(f"aligner written to {Path(out_dir) / 'aligner.safetensors'}")

@@ -21,6 +21,17 @@ scheduler and loop state: what ``resume=True`` continues from),
 ``aligner.safetensors`` (final weights only), ``metrics.csv`` (the
 ``test_error`` column holds the validation corner error in **pixels** of the
 net size) and ``loss.png``.
+
+Data-parallel
+-------------
+Under ``torchrun`` the loop runs data-parallel with no code change, with the
+convention of :mod:`stnkit.training.distributed`: ``batch_size`` is the global
+batch; every rank draws the same global batch of pairs (same seed) and trains
+on its slice; batch norms use the global batch's statistics
+(:func:`~stnkit.training.distributed.sync_batch_norm`), so the weights equal
+those of one process with the same ``batch_size``; rank 0 alone writes files::
+
+    torchrun --nproc-per-node 2 -m stnkit.cli.main train-aligner --builtin --out runs/aligner-ddp
 """
 
 from __future__ import annotations
@@ -43,7 +54,9 @@ from stnkit.models.aligner import Aligner
 from stnkit.models.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from stnkit.models.registry import build_model
 from stnkit.transforms.base import norm_from_pix, pix_from_norm
+from stnkit.training.distributed import DistributedContext, setup_distributed
 from stnkit.training.metrics_log import MetricsLog, read_metrics
+from stnkit.training.trainer import resolve_device
 
 __all__ = ["train_aligner", "corner_loss", "true_theta_matrix", "homographynet_ranges", "plot_aligner_curve"]
 
@@ -72,7 +85,7 @@ def true_theta_matrix(batch: PairBatch, size: Sequence[int]) -> Tensor:
     """
     size = tuple(size)
     pix = batch.support_pix_from_input_pix.to(torch.float64)
-    return norm_from_pix(size) @ torch.linalg.inv(pix) @ pix_from_norm(size)
+    return norm_from_pix(size, device=pix.device) @ torch.linalg.inv(pix) @ pix_from_norm(size, device=pix.device)
 
 
 def _map(matrix: Tensor, points: Tensor) -> Tensor:
@@ -95,9 +108,9 @@ def corner_loss(aligner: Aligner, theta: Tensor, batch: PairBatch) -> Tensor:
     """
     if batch.family == "tps":
         size = aligner.size
-        scale = torch.tensor([2.0 / size[1], 2.0 / size[0]], dtype=theta.dtype)
+        scale = torch.tensor([2.0 / size[1], 2.0 / size[0]], dtype=theta.dtype, device=theta.device)
         true_points = (batch.control_points_input_pix.to(theta.dtype) + 0.5) * scale - 1
-        control = aligner.transform.control_points(dtype=theta.dtype)
+        control = aligner.transform.control_points(dtype=theta.dtype).to(theta.device)
         predicted = control + theta.view(theta.shape[0], -1, 2)
         return (predicted - true_points).norm(dim=-1).mean(dim=1)
     true = true_theta_matrix(batch, aligner.size)
@@ -108,18 +121,23 @@ def corner_loss(aligner: Aligner, theta: Tensor, batch: PairBatch) -> Tensor:
 
 def photometric_loss(aligner: Aligner, theta: Tensor, batch: PairBatch, kind: str = "l1") -> Tensor:
     """Dissimilarity of the input warped by ``theta`` and the support over their overlap (scalar)."""
+    return photometric_loss_per_pair(aligner, theta, batch, kind).mean()
+
+
+def photometric_loss_per_pair(aligner: Aligner, theta: Tensor, batch: PairBatch, kind: str = "l1") -> Tensor:
+    """:func:`photometric_loss` of each pair (``(B,)``)."""
     warped = aligner.warp(torch.cat((batch.input, torch.ones_like(batch.input)), dim=1), theta)
     image, mask = warped[:, :1], (warped[:, 1:] > 0.99).to(warped.dtype)
     count = mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
     if kind == "l1":
-        return ((image - batch.support).abs() * mask).sum(dim=(1, 2, 3)).div(count).mean()
+        return ((image - batch.support).abs() * mask).sum(dim=(1, 2, 3)).div(count)
     if kind == "ncc":
         def centred(x: Tensor) -> Tensor:
             mean = (x * mask).sum(dim=(1, 2, 3), keepdim=True) / count.view(-1, 1, 1, 1)
             return (x - mean) * mask
         a, b = centred(image), centred(batch.support)
         ncc = (a * b).sum(dim=(1, 2, 3)) / (a.pow(2).sum(dim=(1, 2, 3)).sqrt() * b.pow(2).sum(dim=(1, 2, 3)).sqrt() + 1e-6)
-        return (1 - ncc).mean()
+        return 1 - ncc
     raise ValueError(f"photometric loss must be 'l1' or 'ncc', got {kind!r}")
 
 
@@ -148,6 +166,21 @@ def plot_aligner_curve(metrics_path: str | os.PathLike[str], out_path: str | os.
     out_path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_path, dpi=100)
     return out_path
+
+
+def _shard_pairs(batch: PairBatch, dist: DistributedContext) -> PairBatch:
+    """This rank's slice of a global batch of pairs (the batch itself when not distributed)."""
+    if not dist.enabled:
+        return batch
+    per_pair = ("input", "support", "support_pix_from_input_pix", "control_points_input_pix",
+                "input_pix_from_support_pix_map")
+    fields = {name: getattr(batch, name) for name in batch.__dataclass_fields__}
+    for name in per_pair:
+        if fields[name] is not None:
+            (fields[name],) = dist.shard(fields[name])
+    indices = torch.arange(len(batch.image_indices)).tensor_split(dist.world_size)[dist.rank].tolist()
+    fields["image_indices"] = [batch.image_indices[i] for i in indices]
+    return type(batch)(**fields)
 
 
 def _prepare_images(images: Sequence, name: str) -> list[np.ndarray]:
@@ -182,6 +215,7 @@ def train_aligner(
     resume: bool = False,
     overwrite: bool = False,
     num_threads: int | None = None,
+    device: str | torch.device = "cpu",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> Aligner:
@@ -228,8 +262,11 @@ def train_aligner(
         Start afresh even if ``out_dir`` holds a previous run.
     num_threads : int, optional
         ``torch.set_num_threads`` for the run.
+    device : str or torch.device
+        Training device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... or ``"auto"``
+        (``"cuda"`` under ``torchrun`` picks ``cuda:LOCAL_RANK``).
     progress : bool
-        Show a tqdm progress bar.
+        Show a tqdm progress bar (rank 0 only).
     log : callable, optional
         Receives one line per validation.
 
@@ -267,6 +304,12 @@ def train_aligner(
         raise ValueError(f"photometric_kind must be 'l1' or 'ncc', got {photometric_kind!r}")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+    # Under torchrun: join the process group (see "Data-parallel" in the module docstring).
+    device = resolve_device(device)
+    dist = setup_distributed(device)
+    device = dist.device_for(device)
+    if batch_size < dist.world_size:
+        raise ValueError(f"batch_size ({batch_size}) must be at least the number of processes ({dist.world_size})")
     train = _prepare_images(images, "images")
     val = train if val_images is None else _prepare_images(val_images, "val_images")
     size = tuple(int(s) for s in size)
@@ -283,6 +326,7 @@ def train_aligner(
         raise FileNotFoundError(f"{last_path}: no checkpoint to resume from")
     if previous and not resume and not overwrite:
         raise FileExistsError(f"{out_dir}: already holds a training run (pass resume=True or overwrite=True)")
+    dist.barrier()  # every rank has looked at out_dir before rank 0 clears it
 
     config = {"kind": "aligner", "transform": family, "size": list(size), "channels": list(channels),
               "iterations": iterations, "fusion": "concat"}
@@ -295,18 +339,20 @@ def train_aligner(
         model = build_model(start.config)
         model.load_state_dict(start.model_state)
         size = tuple(model.size)
+    checkpoint = load_checkpoint(last_path) if resume else None
+    if checkpoint is not None:
+        if checkpoint.config.get("kind") != "aligner" or checkpoint.config.get("transform") != family:
+            raise ValueError(f"{last_path}: holds {checkpoint.config!r}, not an aligner of family {family!r}")
+        model = build_model(checkpoint.config)
+        model.load_state_dict(checkpoint.model_state)
+    model = dist.sync_batch_norm(model.to(device), device)
+    net = dist.wrap(model, device)  # what the training step calls; `model` is the plain module
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr * min_lr_ratio)
     rng = np.random.default_rng(seed)
     step, elapsed, skipped, best = 0, 0.0, 0, math.inf
 
-    if resume:
-        checkpoint = load_checkpoint(last_path)
-        if checkpoint.config.get("kind") != "aligner" or checkpoint.config.get("transform") != family:
-            raise ValueError(f"{last_path}: holds {checkpoint.config!r}, not an aligner of family {family!r}")
-        model = build_model(checkpoint.config)
-        model.load_state_dict(checkpoint.model_state)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    if checkpoint is not None:
         optimizer.load_state_dict(checkpoint.optimizer_state)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr * min_lr_ratio)
         scheduler.load_state_dict(checkpoint.scheduler_state)
@@ -316,15 +362,18 @@ def train_aligner(
         skipped, best = int(state.get("skipped_steps", 0)), float(state.get("best", math.inf))
         rng.bit_generator.state = state["numpy_generator"]
         restore_rng_state(state["rng"])
-        metrics = MetricsLog(metrics_path, keep_until_step=step)
+        metrics = MetricsLog(metrics_path, keep_until_step=step) if dist.is_main else None
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for path in (last_path, best_path, final_path, metrics_path):
-            if path.exists():
-                path.unlink()
-        metrics = MetricsLog(metrics_path)
+        if dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for path in (last_path, best_path, final_path, metrics_path):
+                if path.exists():
+                    path.unlink()
+        metrics = MetricsLog(metrics_path) if dist.is_main else None
+    log = log if dist.is_main else None
 
     val_batch = batch_pairs(val, val_pairs, family, size, ranges, photometric, np.random.default_rng(seed + 10_000))
+    val_batch = val_batch.to(device)
     pixels_per_unit = (size[0] + size[1]) / 4.0  # normalised units -> pixels of the net size
 
     def validate() -> float:
@@ -335,6 +384,8 @@ def train_aligner(
         return error * pixels_per_unit
 
     def save(path: Path, with_state: bool) -> None:
+        if not dist.is_main:
+            return
         state = None
         if with_state:
             state = {"step": step, "time": elapsed, "skipped_steps": skipped, "best": best,
@@ -345,25 +396,33 @@ def train_aligner(
     model.train()
     if step == 0:
         identity_error = validate()
-        metrics.append({"step": 0, "epoch": 0, "test_error": identity_error, "lr": lr, "time": 0.0, "skipped_steps": 0})
+        if metrics is not None:
+            metrics.append({"step": 0, "epoch": 0, "test_error": identity_error, "lr": lr, "time": 0.0,
+                            "skipped_steps": 0})
         if log:
             log(f"step 0: validation corner error {identity_error:.2f} px ({'initial weights' if init else 'identity'})")
-    bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"aligner-{family}", unit="step")
+    bar = tqdm(total=steps, initial=step, disable=not (progress and dist.is_main), desc=f"aligner-{family}", unit="step")
     running, count, window_start, window_images = 0.0, 0, time.perf_counter(), 0
     try:
         while step < steps:
             started = time.perf_counter()
-            batch = batch_pairs(train, batch_size, family, size, ranges, photometric, rng)
-            theta = model(batch.input, batch.support)
-            loss = corner_loss(model, theta, batch).mean()
+            # Every rank draws the same global batch (same rng) and keeps its slice.
+            batch = _shard_pairs(batch_pairs(train, batch_size, family, size, ranges, photometric, rng), dist)
+            batch = batch.to(device)
+            theta = net(batch.input, batch.support)
+            per_pair = corner_loss(model, theta, batch)
             if photometric_weight > 0:
-                loss = loss + photometric_weight * photometric_loss(model, theta, batch, photometric_kind)
+                per_pair = per_pair + photometric_weight * photometric_loss_per_pair(model, theta, batch, photometric_kind)
+            # Summed over the global batch: DDP's mean over ranks is then the global batch's mean loss.
+            loss = per_pair.sum() * (dist.world_size / batch_size)
+            # One all-reduce: the logged loss, and the same skip decision on every rank.
+            mean_loss = float(dist.all_reduce_sum(per_pair.detach().sum().reshape(1))) / batch_size
             optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
+            if math.isfinite(mean_loss):
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
                 optimizer.step()
-                running += float(loss.detach())
+                running += mean_loss
                 count += 1
             else:
                 skipped += 1
@@ -376,9 +435,10 @@ def train_aligner(
                 error = validate()
                 rate = window_images / max(time.perf_counter() - window_start, 1e-9)
                 train_loss = running / count if count else math.nan
-                metrics.append({"step": step, "epoch": 0, "train_loss": train_loss, "test_error": error,
-                                "lr": scheduler.get_last_lr()[0], "images_per_s": rate, "time": elapsed,
-                                "skipped_steps": skipped})
+                if metrics is not None:
+                    metrics.append({"step": step, "epoch": 0, "train_loss": train_loss, "test_error": error,
+                                    "lr": scheduler.get_last_lr()[0], "images_per_s": rate, "time": elapsed,
+                                    "skipped_steps": skipped})
                 bar.set_postfix(loss=f"{train_loss:.4f}", val_px=f"{error:.2f}")
                 if log:
                     log(f"step {step}: loss {train_loss:.4f}, validation corner error {error:.2f} px, {elapsed:.0f} s")
@@ -391,5 +451,7 @@ def train_aligner(
     finally:
         bar.close()
     save(final_path, with_state=False)
-    plot_aligner_curve(metrics_path, out_dir / "loss.png", title=f"aligner ({family})")
+    if dist.is_main:
+        plot_aligner_curve(metrics_path, out_dir / "loss.png", title=f"aligner ({family})")
+    dist.barrier()  # no rank leaves before rank 0 has written the final files
     return model.eval()

@@ -37,7 +37,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistributedContext", "setup_distributed", "environment_world_size", "shutdown_distributed"]
+__all__ = [
+    "DistributedContext",
+    "setup_distributed",
+    "environment_world_size",
+    "shutdown_distributed",
+    "GlooSyncBatchNorm",
+    "sync_batch_norm",
+]
 
 
 def environment_world_size() -> int:
@@ -113,6 +120,15 @@ class DistributedContext:
         if not self.enabled:
             return tensors
         return tuple(tensor.tensor_split(self.world_size)[self.rank] for tensor in tensors)
+
+    def sync_batch_norm(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """``model`` with its batch norms synchronised across ranks (itself when not distributed).
+
+        See :func:`sync_batch_norm`. Call before :meth:`wrap`.
+        """
+        if not self.enabled:
+            return model
+        return sync_batch_norm(model, device)
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         """``model`` in :class:`~torch.nn.parallel.DistributedDataParallel` (itself when not distributed).
@@ -196,6 +212,84 @@ def setup_distributed(device: torch.device | str = "cpu", *, timeout_s: float = 
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
     atexit.register(shutdown_distributed)
     return DistributedContext(world_size, rank, local_rank, backend)
+
+
+class GlooSyncBatchNorm(nn.BatchNorm2d):
+    """A :class:`~torch.nn.BatchNorm2d` whose training statistics are those of the global batch.
+
+    :class:`torch.nn.SyncBatchNorm` runs on GPUs only; this is its CPU (gloo)
+    counterpart. In training mode each rank all-reduces the per-channel count,
+    sum and sum of squares of its slice (with the differentiable
+    :func:`torch.distributed.nn.functional.all_reduce`, so the gradient flows
+    through the shared statistics), normalises with the global mean and
+    biased variance and updates the running statistics with the unbiased one,
+    exactly as one process would on the whole batch. In eval mode, or outside
+    a process group, it is a plain ``BatchNorm2d``; its state dict has the same keys.
+
+    Examples
+    --------
+    >>> norm = GlooSyncBatchNorm(3)
+    >>> norm(torch.randn(4, 3, 5, 5)).shape  # no process group: plain batch norm
+    torch.Size([4, 3, 5, 5])
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input)
+        if input.dim() != 4:
+            raise ValueError(f"GlooSyncBatchNorm expects (N, C, H, W) input, got shape {tuple(input.shape)}")
+        from torch.distributed.nn.functional import all_reduce
+
+        x = input.float()
+        count = torch.full((1,), float(x.shape[0] * x.shape[2] * x.shape[3]), dtype=torch.float64, device=x.device)
+        # Sums in float64: sum-of-squares minus squared mean loses precision in float32.
+        stats = torch.cat((count, x.sum(dim=(0, 2, 3)).double(), x.pow(2).sum(dim=(0, 2, 3)).double()))
+        stats = all_reduce(stats, op=dist.ReduceOp.SUM)
+        total, channels = stats[0], self.num_features
+        mean = stats[1 : 1 + channels] / total
+        var = (stats[1 + channels :] / total - mean.pow(2)).clamp_min(0.0)
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (total / (total - 1).clamp_min(1.0))
+                self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
+        shape = (1, channels, 1, 1)
+        out = (x - mean.float().view(shape)) * torch.rsqrt(var.float().view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(input.dtype)
+
+
+def sync_batch_norm(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Replace every ``BatchNorm2d`` of ``model`` by one that uses the global batch's statistics.
+
+    On CUDA this is :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`; on
+    the CPU (gloo), :class:`GlooSyncBatchNorm`. Weights, buffers and state-dict
+    keys are kept, so checkpoints load into the plain model.
+
+    Examples
+    --------
+    >>> model = sync_batch_norm(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))
+    >>> type(model[1]).__name__
+    'GlooSyncBatchNorm'
+    """
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def convert(module: nn.Module) -> nn.Module:
+        if type(module) is nn.BatchNorm2d:
+            replacement = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                            module.track_running_stats)
+            replacement.load_state_dict(module.state_dict())
+            replacement.train(module.training)
+            return replacement
+        for name, child in module.named_children():
+            setattr(module, name, convert(child))
+        return module
+
+    return convert(model)
 
 
 def shutdown_distributed() -> None:

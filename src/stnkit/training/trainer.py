@@ -351,8 +351,8 @@ class Trainer:
         self.model_config = stored_model_config(model) if model_config is None else resolve_config(model_config)
         self.run_info = _json_normalised(dict(run_info or {}), "run_info")
         # Under torchrun: join the process group; each rank trains on its slice of every batch.
-        self.dist = setup_distributed(_resolve_device(self.config.device))
-        self.device = self.dist.device_for(_resolve_device(self.config.device))
+        self.dist = setup_distributed(resolve_device(self.config.device))
+        self.device = self.dist.device_for(resolve_device(self.config.device))
         self.model = model.to(self.device)
         self._train_model = self.dist.wrap(self.model, self.device)
         self._amp_dtype, self._scaler = _mixed_precision(self.config.amp, self.device)
@@ -936,10 +936,25 @@ def _open_tensorboard(folder: Path) -> Any:
     return SummaryWriter(str(folder))
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device`; ``"auto"`` is CUDA when available.
+
+    Raises
+    ------
+    ValueError
+        If ``device`` is not a device name, or names CUDA where there is none.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     return resolved
