@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..localisation import conv_localisation, default_bounds, fc_localisation
 from ..localisation.nets import mlp_layers
-from ..modules import SpatialTransformer
+from ..modules import InputGradConv2d, SpatialTransformer
 from ..transforms import get_transform
 from ..transforms.base import check_size
 from .registry import build_model, register_model
@@ -55,10 +55,14 @@ def fcn_backbone(in_channels: int, in_size: Sequence[int], num_classes: int, hid
 
 
 def cnn_backbone(in_channels: int, in_size: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 32)) -> nn.Sequential:
-    """The convolutional baseline: ``conv9x9 - pool - conv7x7 - pool - Linear`` (ReLU after each conv)."""
+    """The convolutional baseline: ``conv9x9 - pool - conv7x7 - pool - Linear`` (ReLU after each conv).
+
+    The first convolution is an :class:`~stnkit.modules.InputGradConv2d`: an
+    ``nn.Conv2d`` whose input gradient (needed behind a transformer) is fast on the CPU.
+    """
     height, width = check_size(in_size, "in_size")
     features = nn.Sequential(
-        nn.Conv2d(in_channels, channels[0], 9),
+        InputGradConv2d(in_channels, channels[0], 9),
         nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
         nn.Conv2d(channels[0], channels[1], 7),

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..localisation import conv_localisation, default_bounds, localisation_from_layers
-from ..modules import SpatialTransformer
+from ..modules import InputGradConv2d, SpatialTransformer
 from ..transforms import MatrixTransform, get_transform
 from ..transforms.base import check_size
 from .registry import build_model, register_model
@@ -73,7 +73,9 @@ def _conv_blocks(in_channels: int, channels: Sequence[int]) -> nn.ModuleList:
     blocks = []
     c = in_channels
     for index, c_out in enumerate(channels, start=1):
-        layers: list[nn.Module] = [nn.Conv2d(c, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+        # The first block reads the (warped) input: InputGradConv2d makes its input gradient cheap on the CPU.
+        conv = InputGradConv2d if index == 1 else nn.Conv2d
+        layers: list[nn.Module] = [conv(c, c_out, 3, padding=1), nn.ReLU(inplace=True)]
         if index in _POOL_AFTER:
             layers.append(nn.MaxPool2d(2))
         blocks.append(nn.Sequential(*layers))
