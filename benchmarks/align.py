@@ -71,7 +71,7 @@ def classical_method(key: str) -> Method:
     return Method(CLASSICAL_ROWS[key], run)
 
 
-def stnkit_method(model: str | None) -> Method | None:
+def stnkit_method(model: str | None, refine: bool = True) -> Method | None:
     """The stnkit aligner, or None (with a printed note) when it is not available."""
     try:
         from stnkit import Aligner
@@ -92,14 +92,15 @@ def stnkit_method(model: str | None) -> Method | None:
     name = Path(source).name if source != "pretrained" else "pretrained"
 
     def run(input_image: np.ndarray, support: np.ndarray) -> tuple[np.ndarray, bool]:
-        matrix = aligner.align(input_image, support).matrix
+        matrix = aligner.align(input_image, support, refine=refine).matrix
         if matrix is None:
             return np.eye(3), False
         if hasattr(matrix, "detach"):
             matrix = matrix.detach().cpu().numpy()
         return np.asarray(matrix, dtype=np.float64), True
 
-    return Method(f"stnkit aligner ({name})", run)
+    label = f"stnkit aligner ({name}) + refinement (default)" if refine else f"stnkit aligner ({name}), network only"
+    return Method(label, run)
 
 
 def evaluate(method: Method, pairs: list[HomographyPair]) -> dict[str, float]:
@@ -194,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = [classical_method(key) for key in CLASSICAL_ROWS if key in args.methods]
     notes = []
     if "stnkit" in args.methods:
-        aligner = stnkit_method(args.model)
-        if aligner is None:
-            notes.append("stnkit aligner row skipped: no aligner was available (see the script's output).")
-        else:
+        for refine in (False, True):
+            aligner = stnkit_method(args.model, refine)
+            if aligner is None:
+                notes.append("stnkit aligner row skipped: no aligner was available (see the script's output).")
+                break
             methods.append(aligner)
 
     images = builtin_photos("heldout")

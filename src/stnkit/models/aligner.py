@@ -32,7 +32,7 @@ from stnkit.localisation.nets import Localisation, RegressionHead
 from stnkit.models.registry import register_model
 from stnkit.modules.spatial_transformer import SpatialTransformer
 from stnkit.transforms import MatrixTransform, Transform, get_transform
-from stnkit.transforms.base import check_size
+from stnkit.transforms.base import check_size, norm_from_pix, pix_from_norm
 
 __all__ = ["Aligner", "AlignmentResult", "build_aligner", "aligner_transform", "SHIPPED_ALIGNER"]
 
@@ -105,13 +105,22 @@ class AlignmentResult:
         The input resampled into the support frame at the support's full
         resolution, same channels, dtype and layout as the input.
     theta : torch.Tensor
-        ``(num_params,)`` predicted parameters (support normalised -> input
-        normalised, the library's backward-map convention).
+        ``(num_params,)`` the network's parameters (support normalised -> input
+        normalised, the library's backward-map convention), before any refinement.
+    ncc : float or None
+        With ``refine``: the normalised cross-correlation of the aligned input
+        and the support over their overlap (1 is a perfect match; a low value
+        flags a doubtful alignment).
+    start : str or None
+        With ``refine``: the starting point the refinement kept (``"network"``,
+        ``"features"``, ``"search1"``..., ``"identity"``).
     """
 
     matrix: np.ndarray | None
     image: Any
     theta: Tensor
+    ncc: float | None = None
+    start: str | None = None
 
 
 class Aligner(nn.Module):
@@ -204,8 +213,15 @@ class Aligner(nn.Module):
         return warp(input, theta, self.transform, out_size or self.size)
 
     @torch.no_grad()
-    def align(self, input: Any, support: Any) -> AlignmentResult:
+    def align(self, input: Any, support: Any, *, refine: bool = True, refine_size: int = 256) -> AlignmentResult:
         """Align one ``input`` image to one ``support`` image at full resolution.
+
+        The network predicts the warp from views at its net size. For the
+        projective family, ``refine`` then polishes it photometrically
+        (:func:`stnkit.models.refinement.refine_alignment`: coarse-to-fine
+        Levenberg-Marquardt on the NCC through the same bilinear sampler, from
+        the network's estimate, a SIFT + RANSAC estimate when OpenCV finds one,
+        a coarse search and the identity; the best-correlated wins).
 
         Parameters
         ----------
@@ -213,6 +229,12 @@ class Aligner(nn.Module):
             ``(H, W)`` or ``(H, W, C)`` arrays (uint8, uint16 or float in
             ``[0, 1]``), or tensors ``(H, W)``, ``(C, H, W)``, ``(1, C, H, W)``.
             Sizes and channel counts may differ.
+        refine : bool
+            Refine the network's estimate photometrically (projective family only;
+            about 0.1-0.2 s per pair on a 2-core CPU, against ~6 ms without).
+        refine_size : int
+            Side of the square views the finest refinement level works on (at
+            most the larger image side; at least the net size).
 
         Returns
         -------
@@ -241,12 +263,32 @@ class Aligner(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            theta = self(small_input, small_support).to(torch.float64)
+            with torch.no_grad():
+                theta = self(small_input, small_support).to(torch.float64)
         finally:
             self.train(was_training)
         in_size, support_size = input_hwc.shape[:2], support_hwc.shape[:2]
         height, width = support_size
-        if isinstance(self.transform, MatrixTransform):
+        ncc = start = None
+        if refine and self.family == "projective":
+            from stnkit.models.refinement import candidate_matrices, refine_alignment
+
+            network = self.transform.matrix(theta)[0].cpu()
+            candidates = candidate_matrices(small_input.cpu(), small_support.cpu(), network)
+            side = max(min(int(refine_size), max(*in_size, *support_size)), *self.size)
+            view_input, view_support = self._net_view(input_hwc, (side, side)), self._net_view(support_hwc, (side, side))
+            # Levels from 32 px up to `side`, doubling; every start goes through the two coarsest.
+            levels = [32 / side]
+            while levels[-1] < 1.0:
+                levels.append(min(1.0, levels[-1] * 2))
+            iterations = [15, 10] + [6] * (len(levels) - 2)
+            refined = refine_alignment(view_input, view_support, candidates, levels=levels, iterations=iterations[: len(levels)])
+            matrix_norm, ncc, start = refined.matrix, refined.ncc, refined.start
+            input_pix_from_support_pix = (pix_from_norm(in_size) @ matrix_norm @ norm_from_pix(support_size)).numpy()
+            matrix = np.linalg.inv(input_pix_from_support_pix)
+            matrix = matrix / matrix[2, 2]
+            aligned = cv2.warpPerspective(input_hwc, matrix, (width, height), flags=cv2.INTER_LINEAR)
+        elif isinstance(self.transform, MatrixTransform):
             input_pix_from_support_pix = self.transform.to_pixels(theta, in_size, support_size)[0].cpu().numpy()
             matrix = np.linalg.inv(input_pix_from_support_pix)
             matrix = matrix / matrix[2, 2]
@@ -257,16 +299,17 @@ class Aligner(nn.Module):
             map_x = ((grid[..., 0] + 1) * in_size[1] / 2 - 0.5).astype(np.float32)
             map_y = ((grid[..., 1] + 1) * in_size[0] / 2 - 0.5).astype(np.float32)
             aligned = cv2.remap(input_hwc, map_x, map_y, interpolation=cv2.INTER_LINEAR)
-        return AlignmentResult(matrix=matrix, image=restore(aligned), theta=theta[0].float().cpu())
+        return AlignmentResult(matrix=matrix, image=restore(aligned), theta=theta[0].float().cpu(), ncc=ncc, start=start)
 
-    def _net_view(self, image: np.ndarray) -> Tensor:
-        """``(1, 1, h, w)`` float32 greyscale at the net size, resized with antialiasing."""
+    def _net_view(self, image: np.ndarray, size: Sequence[int] | None = None) -> Tensor:
+        """``(1, 1, h, w)`` float32 greyscale at ``size`` (the net size by default), resized with antialiasing."""
         from stnkit.data.images import to_gray_uint8
 
+        size = self.size if size is None else tuple(size)
         gray = torch.from_numpy(to_gray_uint8(image).astype(np.float32) / 255.0)[None, None]
-        if tuple(gray.shape[-2:]) == self.size:
+        if tuple(gray.shape[-2:]) == size:
             return gray
-        return F.interpolate(gray, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return F.interpolate(gray, size=size, mode="bilinear", align_corners=False, antialias=True)
 
     @classmethod
     def pretrained(cls, name: str | os.PathLike[str] = SHIPPED_ALIGNER, map_location: str | torch.device = "cpu") -> "Aligner":
