@@ -66,6 +66,16 @@ def test_align_writes_image_matrix_and_overlay(files, tmp_path, capsys):
     assert code == 0, err
 
 
+def test_align_records_the_refinement_and_can_skip_it(files, tmp_path, capsys):
+    for flag, refined in (("--refine", True), ("--no-refine", False)):
+        out, matrix = tmp_path / f"aligned{flag}.png", tmp_path / f"m{flag}.json"
+        code, _, err = run(capsys, "align", files["input"], files["support"], "-o", out, "--model", files["model"],
+                           "--matrix-out", matrix, flag)
+        assert code == 0, err
+        record = json.loads(matrix.read_text())
+        assert record["refined"] is refined and (record["ncc"] is not None) is refined
+
+
 def test_align_a_folder(files, tmp_path, capsys):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
