@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..transforms.base import apply_matrix_to_grid, norm_from_pix, pix_from_norm
+from ..transforms.base import norm_from_pix, pix_from_norm
 
 __all__ = ["RefinementResult", "refine_alignment", "corner_update", "ncc_score", "candidate_matrices"]
 
@@ -83,15 +83,7 @@ def corner_update(d: Tensor) -> Tensor:
     >>> torch.allclose(corner_update(torch.zeros(8, dtype=torch.float64)), torch.eye(3, dtype=torch.float64))
     True
     """
-    # The 8x8 direct linear transform of the four correspondences, solved in NumPy: this runs
-    # hundreds of times per alignment, where a batched torch solve costs more in overhead.
-    dst = _SQUARE + d.detach().to(torch.float64).cpu().numpy().reshape(4, 2)
-    a = np.zeros((8, 8))
-    for i, ((x, y), (u, v)) in enumerate(zip(_SQUARE, dst)):
-        a[2 * i] = (x, y, 1.0, 0.0, 0.0, 0.0, -u * x, -u * y)
-        a[2 * i + 1] = (0.0, 0.0, 0.0, x, y, 1.0, -v * x, -v * y)
-    h = np.linalg.solve(a, dst.reshape(-1))
-    return torch.from_numpy(np.append(h, 1.0).reshape(3, 3))
+    return _corner_updates(d.detach().reshape(1, 8))[0]
 
 
 def _pyramid_level(image: Tensor, scale: float) -> Tensor:
@@ -120,50 +112,6 @@ def _inside(grid: Tensor, in_size: Sequence[int]) -> Tensor:
     return (grid[..., 0].abs() <= margin_x) & (grid[..., 1].abs() <= margin_y)
 
 
-def ncc_score(input: Tensor, support: Tensor, matrix: Tensor, min_overlap: float = 0.25) -> tuple[float, float]:
-    """NCC of ``input`` warped by ``matrix`` against ``support`` over their overlap, and the overlap fraction.
-
-    Args:
-        input: ``(1, 1, H_in, W_in)`` float.
-        support: ``(1, 1, H, W)`` float.
-        matrix: ``(3, 3)`` ``input_norm_from_support_norm``.
-        min_overlap: below this overlap fraction the score is ``-1``.
-
-    Examples
-    --------
-    >>> image = torch.rand(1, 1, 16, 16, dtype=torch.float64)
-    >>> round(ncc_score(image, image, torch.eye(3, dtype=torch.float64))[0], 6)
-    1.0
-    """
-    if not bool(torch.isfinite(matrix).all()) or bool(((_HOMOGENEOUS_CORNERS @ matrix[2].to(torch.float64)) <= 1e-6).any()):
-        return -1.0, 0.0  # a support corner on or beyond the horizon: not an alignment
-    grid = apply_matrix_to_grid(matrix[None], tuple(support.shape[-2:]))
-    mask = _inside(grid, input.shape[-2:])[0]
-    overlap = float(mask.float().mean())
-    if overlap < min_overlap:
-        return -1.0, overlap
-    a = _sample(input, grid)[0, 0][mask].double()
-    b = support[0, 0][mask].double()
-    a, b = a - a.mean(), b - b.mean()
-    denominator = float(a.norm() * b.norm())
-    return (float((a * b).sum()) / denominator if denominator > 0 else -1.0), overlap
-
-
-def _corner_generators() -> Tensor:
-    """``dC/dd_k`` at ``d = 0`` (``(8, 3, 3)``): how each corner offset changes the update matrix."""
-    step = 1e-6
-    eye = torch.eye(3, dtype=torch.float64)
-    generators = []
-    for k in range(8):
-        d = torch.zeros(8, dtype=torch.float64)
-        d[k] = step
-        generators.append((corner_update(d) - eye) / step)
-    return torch.stack(generators)
-
-
-_GENERATORS: Tensor | None = None
-
-
 @functools.lru_cache(maxsize=16)
 def _points(size: tuple[int, int]) -> Tensor:
     """Homogeneous normalised pixel centres ``(3, H, W)``."""
@@ -174,68 +122,145 @@ def _points(size: tuple[int, int]) -> Tensor:
                         torch.ones(height, width, dtype=torch.float64)))
 
 
-def _corner_jacobian(matrix: Tensor, size: Sequence[int], grad_x: Tensor, grad_y: Tensor) -> Tensor:
-    """d(sampled image)/d(corner offsets) for the update ``M <- M @ C(d)`` at ``d = 0``: ``(8, H, W)``.
+def _admissible(matrices: Tensor) -> Tensor:
+    """``(B,)``: finite, and every support corner in front of the horizon (else not an alignment)."""
+    finite = torch.isfinite(matrices).flatten(1).all(dim=1)
+    w = torch.nan_to_num(matrices[:, 2].to(torch.float64), nan=-1.0) @ _HOMOGENEOUS_CORNERS.T  # (B, 4)
+    return finite & (w > 1e-6).all(dim=1)
 
-    With ``q = M p`` and ``e_k = M G_k p`` (``G_k = dC/dd_k``), the grid point
-    ``x = q_xy / q_w`` moves by ``(e_k,xy - x e_k,w) / q_w``; the image changes
-    by its gradient times that motion.
+
+def _grids(matrices: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Grids ``(B, H, W, 2)`` of ``matrices`` at ``size``, the projective ``w`` and the points ``(3, H, W)``."""
+    points = _points(size)
+    q = torch.einsum("bij,jhw->bihw", torch.nan_to_num(matrices), points)
+    w = q[:, 2].clamp_min(torch.finfo(torch.float64).eps)
+    return torch.stack((q[:, 0] / w, q[:, 1] / w), dim=-1), w, points
+
+
+def _masked_ncc(a: Tensor, b: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per item (dim 0) NCC of ``a`` and ``b`` over ``mask``; also the centred maps and their norms."""
+    count = mask.flatten(1).sum(dim=1).clamp_min(1.0)
+    shape = (-1,) + (1,) * (a.dim() - 1)
+    a_centred = (a - (a * mask).flatten(1).sum(dim=1).div(count).view(shape)) * mask
+    b_centred = (b - (b * mask).flatten(1).sum(dim=1).div(count).view(shape)) * mask
+    a_norm, b_norm = a_centred.flatten(1).norm(dim=1), b_centred.flatten(1).norm(dim=1)
+    ncc = (a_centred * b_centred).flatten(1).sum(dim=1) / (a_norm * b_norm).clamp_min(1e-12)
+    return ncc, a_centred, b_centred, a_norm, b_norm
+
+
+def _ncc_batch(input: Tensor, support: Tensor, matrices: Tensor, min_overlap: float) -> tuple[Tensor, Tensor]:
+    """NCC ``(B,)`` (``-1`` where inadmissible or overlapping too little) and overlap ``(B,)``."""
+    size = tuple(support.shape[-2:])
+    grid, _, _ = _grids(matrices, size)
+    mask = _inside(grid, input.shape[-2:]).to(torch.float64)
+    overlap = mask.flatten(1).mean(dim=1)
+    sampled = _sample(input.expand(len(matrices), -1, -1, -1), grid)[:, 0].double()
+    ncc, *_ = _masked_ncc(sampled, support[0, 0].double().expand_as(sampled), mask)
+    ok = _admissible(matrices) & (overlap >= min_overlap)
+    return torch.where(ok, ncc, torch.full_like(ncc, -1.0)), torch.where(_admissible(matrices), overlap, 0.0)
+
+
+def ncc_score(input: Tensor, support: Tensor, matrix: Tensor, min_overlap: float = 0.25) -> tuple[float, float]:
+    """NCC of ``input`` warped by ``matrix`` against ``support`` over their overlap, and the overlap fraction.
+
+    Args:
+        input: ``(1, 1, H_in, W_in)`` float.
+        support: ``(1, 1, H, W)`` float.
+        matrix: ``(3, 3)`` ``input_norm_from_support_norm``.
+        min_overlap: below this overlap fraction the score is ``-1``; a matrix that puts a support
+            corner on or beyond the horizon scores ``(-1, 0)``.
+
+    Examples
+    --------
+    >>> image = torch.rand(1, 1, 16, 16, dtype=torch.float64)
+    >>> round(ncc_score(image, image, torch.eye(3, dtype=torch.float64))[0], 6)
+    1.0
+    """
+    score, overlap = _ncc_batch(input, support, matrix.to(torch.float64)[None], min_overlap)
+    return float(score[0]), float(overlap[0])
+
+
+def _corner_updates(d: Tensor) -> Tensor:
+    """Batched :func:`corner_update`: ``(B, 8)`` offsets to ``(B, 3, 3)`` (NaN where the solve fails)."""
+    batch = d.shape[0]
+    square = torch.as_tensor(_SQUARE, dtype=torch.float64)
+    x, y = square[:, 0].expand(batch, 4), square[:, 1].expand(batch, 4)
+    dst = square + d.to(torch.float64).view(batch, 4, 2)
+    u, v = dst[..., 0], dst[..., 1]
+    one, zero = torch.ones_like(u), torch.zeros_like(u)
+    rows_u = torch.stack((x, y, one, zero, zero, zero, -u * x, -u * y), dim=-1)
+    rows_v = torch.stack((zero, zero, zero, x, y, one, -v * x, -v * y), dim=-1)
+    a = torch.stack((rows_u, rows_v), dim=2).reshape(batch, 8, 8)
+    h, info = torch.linalg.solve_ex(a, dst.reshape(batch, 8))
+    h = torch.where((info == 0).view(-1, 1), h, torch.full_like(h, float("nan")))
+    return torch.cat((h, torch.ones(batch, 1, dtype=torch.float64)), dim=1).view(batch, 3, 3)
+
+
+def _corner_generators() -> Tensor:
+    """``dC/dd_k`` at ``d = 0`` (``(8, 3, 3)``): how each corner offset changes the update matrix."""
+    step = 1e-6
+    return (_corner_updates(torch.eye(8, dtype=torch.float64) * step) - torch.eye(3, dtype=torch.float64)) / step
+
+
+_GENERATORS: Tensor | None = None
+
+
+def _refine_level(
+    input: Tensor, support: Tensor, matrices: Tensor, iterations: int, tol: float, min_overlap: float
+) -> tuple[Tensor, Tensor]:
+    """Levenberg-Marquardt on one level for a batch of starts ``(B, 3, 3)``; returns them and their NCC ``(B,)``.
+
+    Each start keeps its own damping; a step is kept only where it raises the NCC.
     """
     global _GENERATORS
     if _GENERATORS is None:
         _GENERATORS = _corner_generators()
-    points = _points(tuple(size))
-    q = torch.einsum("ij,jhw->ihw", matrix, points)
-    w = q[2].clamp_min(torch.finfo(torch.float64).eps)
-    x, y = q[0] / w, q[1] / w
-    e = torch.einsum("ij,kjl,lhw->kihw", matrix, _GENERATORS, points)  # (8, 3, H, W)
-    dx, dy = (e[:, 0] - x * e[:, 2]) / w, (e[:, 1] - y * e[:, 2]) / w
-    return grad_x.double() * dx + grad_y.double() * dy
-
-
-def _refine_level(
-    input: Tensor, support: Tensor, matrix: Tensor, iterations: int, tol: float, min_overlap: float
-) -> tuple[Tensor, float]:
-    """Levenberg-Marquardt on one level; returns the matrix and its NCC."""
-    in_size, size = tuple(input.shape[-2:]), tuple(support.shape[-2:])
+    size = tuple(support.shape[-2:])
+    in_size = tuple(input.shape[-2:])
+    batch = matrices.shape[0]
     grad_x, grad_y = _gradients(input)
-    stack = torch.cat((input, grad_x, grad_y), dim=1)
-    best, _ = ncc_score(input, support, matrix, min_overlap)
-    damping = 1e-3
+    stack = torch.cat((input, grad_x, grad_y), dim=1).double()
+    target = support[0, 0].double()
+    best, _ = _ncc_batch(input, support, matrices, min_overlap)
+    damping = torch.full((batch,), 1e-3, dtype=torch.float64)
+    active = best > -1.0
     eye8 = torch.eye(8, dtype=torch.float64)
     for _ in range(iterations):
-        grid = apply_matrix_to_grid(matrix[None], size)[0]  # (H, W, 2)
-        mask = _inside(grid, in_size)
-        if float(mask.float().mean()) < min_overlap:
+        if not bool(active.any()):
             break
-        sampled = _sample(stack, grid[None])[0].double()  # (3, H, W): image, d/dx, d/dy
-        jac = _corner_jacobian(matrix, size, sampled[1], sampled[2])  # (8, H, W)
-        a, b, j = sampled[0][mask], support[0, 0][mask].double(), jac[:, mask].T  # (P,), (P,), (P, 8)
-        a_centred, b_centred = a - a.mean(), b - b.mean()
-        a_norm, b_norm = a_centred.norm(), b_centred.norm()
-        if a_norm == 0 or b_norm == 0:
-            break
-        residual = a_centred / a_norm - b_centred / b_norm
-        j = (j - j.mean(dim=0)) / a_norm
-        hessian, gradient = j.T @ j, j.T @ residual
-        improved = False
-        for _attempt in range(4):
-            system = hessian + damping * torch.diag(torch.diagonal(hessian)) + 1e-12 * eye8
-            try:
-                delta = -torch.linalg.solve(system, gradient)
-            except RuntimeError:
-                break
-            candidate = matrix @ corner_update(delta)
-            candidate = candidate / candidate[2, 2]
-            score, _ = ncc_score(input, support, candidate, min_overlap)
-            if score > best:
-                matrix, best, improved = candidate, score, True
-                damping = max(damping * 0.3, 1e-7)
-                break
-            damping *= 10.0
-        if not improved or float(delta.abs().max()) < tol:
-            break
-    return matrix, best
+        grid, w, points = _grids(matrices, size)
+        mask = _inside(grid, in_size).to(torch.float64)
+        sampled = _sample(stack.expand(batch, -1, -1, -1), grid)  # (B, 3, H, W): image, d/dx, d/dy
+        # Jacobian of the sampled image w.r.t. the corner offsets of M <- M @ C(d), at d = 0:
+        # with e_k = M G_k p, the grid point x = q_xy / q_w moves by (e_k,xy - x e_k,w) / q_w.
+        e = torch.einsum("bij,kjl,lhw->bkihw", torch.nan_to_num(matrices), _GENERATORS, points)  # (B, 8, 3, H, W)
+        x, y = grid[..., 0].unsqueeze(1), grid[..., 1].unsqueeze(1)
+        w = w.unsqueeze(1)
+        jac = sampled[:, 1:2] * (e[:, :, 0] - x * e[:, :, 2]) / w + sampled[:, 2:3] * (e[:, :, 1] - y * e[:, :, 2]) / w
+        _, a_centred, b_centred, a_norm, b_norm = _masked_ncc(sampled[:, 0], target.expand(batch, -1, -1), mask)
+        usable = active & (a_norm > 0) & (b_norm > 0)
+        a_norm, b_norm = a_norm.clamp_min(1e-12), b_norm.clamp_min(1e-12)
+        residual = a_centred / a_norm.view(-1, 1, 1) - b_centred / b_norm.view(-1, 1, 1)  # (B, H, W)
+        count = mask.flatten(1).sum(dim=1).clamp_min(1.0)
+        jac_mean = (jac * mask.unsqueeze(1)).flatten(2).sum(dim=2) / count.view(-1, 1)
+        jac = (jac - jac_mean.view(batch, 8, 1, 1)) * mask.unsqueeze(1) / a_norm.view(-1, 1, 1, 1)
+        flat = jac.flatten(2)  # (B, 8, P)
+        hessian = flat @ flat.transpose(1, 2)
+        gradient = (flat * residual.flatten(1).unsqueeze(1)).sum(dim=2)
+        system = hessian + damping.view(-1, 1, 1) * torch.diag_embed(torch.diagonal(hessian, dim1=1, dim2=2)) + 1e-12 * eye8
+        delta, info = torch.linalg.solve_ex(system, -gradient)
+        delta = torch.where((info == 0).view(-1, 1), delta, torch.zeros_like(delta))
+        candidates = matrices @ _corner_updates(delta)
+        candidates = candidates / candidates[:, 2:3, 2:3]
+        scores, _ = _ncc_batch(input, support, candidates, min_overlap)
+        accept = usable & (scores > best)
+        matrices = torch.where(accept.view(-1, 1, 1), candidates, matrices)
+        best = torch.where(accept, scores, best)
+        damping = torch.where(accept, (damping * 0.3).clamp_min(1e-7), damping * 10.0)
+        # A start is done when its accepted step is tiny, or when the damping has grown past use.
+        small = delta.abs().amax(dim=1) < tol
+        active = usable & ~(accept & small) & (damping < 1e6)
+    return matrices, best
 
 
 def candidate_matrices(
@@ -263,18 +288,26 @@ def candidate_matrices(
     return candidates
 
 
-def _grid_search(input: Tensor, support: Tensor, side: int = 32, keep: int = 3) -> list[Tensor]:
-    """The ``keep`` best-correlated shifts and zooms of a coarse grid, best first."""
+def _grid_search(input: Tensor, support: Tensor, side: int = 32, keep: int = 8) -> list[Tensor]:
+    """The ``keep`` best-correlated similarity warps of a coarse grid (scored by NCC at ``side`` px), best first.
+
+    The grid: shifts of -0.4 to 0.4 half-widths in steps of 0.2 (25), zooms 0.8, 1 and 1.25, and
+    rotations of -15, 0 and 15 degrees: 225 warps, scored in one batch.
+    """
     scale = side / max(input.shape[-2:])
     small_input, small_support = _pyramid_level(input.double(), scale), _pyramid_level(support.double(), scale)
-    scored = []
-    for zoom in (0.8, 1.0, 1.25):
-        for tx in (-0.4, -0.2, 0.0, 0.2, 0.4):
-            for ty in (-0.4, -0.2, 0.0, 0.2, 0.4):
-                matrix = torch.tensor([[zoom, 0.0, tx], [0.0, zoom, ty], [0.0, 0.0, 1.0]], dtype=torch.float64)
-                scored.append((ncc_score(small_input, small_support, matrix, 0.5)[0], len(scored), matrix))
-    scored.sort(key=lambda item: (-item[0], item[1]))
-    return [matrix for _, _, matrix in scored[:keep]]
+    shifts = torch.tensor([-0.4, -0.2, 0.0, 0.2, 0.4], dtype=torch.float64)
+    zooms = torch.tensor([1.0, 0.8, 1.25], dtype=torch.float64)
+    angles = torch.deg2rad(torch.tensor([0.0, -15.0, 15.0], dtype=torch.float64))
+    angle, zoom, tx, ty = torch.meshgrid(angles, zooms, shifts, shifts, indexing="ij")
+    angle, zoom = angle.reshape(-1), zoom.reshape(-1)
+    matrices = torch.zeros(angle.numel(), 3, 3, dtype=torch.float64)
+    matrices[:, 0, 0], matrices[:, 0, 1] = zoom * torch.cos(angle), -zoom * torch.sin(angle)
+    matrices[:, 1, 0], matrices[:, 1, 1] = zoom * torch.sin(angle), zoom * torch.cos(angle)
+    matrices[:, 0, 2], matrices[:, 1, 2], matrices[:, 2, 2] = tx.reshape(-1), ty.reshape(-1), 1.0
+    scores, _ = _ncc_batch(small_input, small_support, matrices, 0.5)
+    order = torch.argsort(-scores, stable=True)[:keep]
+    return [matrices[i] for i in order.tolist()]
 
 
 def _sift_matrix(input: Tensor, support: Tensor, min_inliers: int = 8) -> Tensor | None:
@@ -318,7 +351,7 @@ def refine_alignment(
     iterations: Sequence[int] = (15, 10, 6),
     tol: float = 1e-4,
     min_overlap: float = 0.5,
-    select_levels: int = 2,
+    survivors: int = 3,
 ) -> RefinementResult:
     """Refine a homography by maximising the NCC of the warped input and the support, coarse to fine.
 
@@ -326,13 +359,14 @@ def refine_alignment(
         input: ``(1, 1, H_in, W_in)`` float greyscale in ``[0, 1]``.
         support: ``(1, 1, H, W)`` float greyscale in ``[0, 1]``.
         candidates: starting matrices by name (``(3, 3)`` ``input_norm_from_support_norm``), or one matrix.
-            Each is refined through the first ``select_levels`` levels; the best NCC goes on to the finer levels.
+            All are refined at the coarsest level, the ``survivors`` best-correlated at the next, the best
+            one from there on.
         levels: pyramid scales, coarse to fine (1.0 is the given size).
         iterations: Levenberg-Marquardt iterations per level.
         tol: stop a level when the largest corner step (normalised units) is below this.
         min_overlap: least fraction of support pixels that must read inside the input (a warp that
             leaves less is scored -1: a small overlap can correlate well by chance).
-        select_levels: how many levels every start is refined through before the best is chosen.
+        survivors: how many starts go on from the coarsest level to the next.
 
     Returns:
         RefinementResult: the refined matrix, its NCC, overlap and winning start.
@@ -356,22 +390,19 @@ def refine_alignment(
         candidates = {"given": candidates}
     input, support = input.double(), support.double()
     pyramid = [(_pyramid_level(input, s), _pyramid_level(support, s)) for s in levels]
-    # Every start is refined through the first `select_levels` levels; the best NCC goes on.
-    select_levels = min(select_levels, len(levels))
-    best_name, best_matrix, best_score = None, None, -2.0
-    for name, matrix in candidates.items():
-        matrix = matrix.to(torch.float64)
-        if not bool(torch.isfinite(matrix).all()) or float(matrix[2, 2]) == 0.0:
-            continue
-        matrix, score = matrix / matrix[2, 2], -2.0
-        for (level_input, level_support), count in zip(pyramid[:select_levels], iterations[:select_levels]):
-            matrix, score = _refine_level(level_input, level_support, matrix, count, tol, min_overlap)
-        if score > best_score:
-            best_name, best_matrix, best_score = name, matrix, score
-    if best_matrix is None:
+    # A funnel: every start is refined (all at once) at the coarsest level, the best `survivors`
+    # of them at the next, and the single best from there on.
+    names = [name for name, m in candidates.items() if bool(_admissible(m.to(torch.float64).view(1, 3, 3))[0])
+             and float(m[2, 2]) != 0.0]
+    if not names:
         raise ValueError("no finite starting matrix among the candidates")
-    matrix = best_matrix
-    for (level_input, level_support), count in zip(pyramid[select_levels:], iterations[select_levels:]):
-        matrix, _ = _refine_level(level_input, level_support, matrix, count, tol, min_overlap)
+    matrices = torch.stack([candidates[name].to(torch.float64) / candidates[name][2, 2] for name in names])
+    for index, ((level_input, level_support), count) in enumerate(zip(pyramid, iterations)):
+        matrices, scores = _refine_level(level_input, level_support, matrices, count, tol, min_overlap)
+        keep = survivors if index == 0 else 1
+        # Stable: among equal scores the earlier start (the order of preference) survives.
+        order = torch.argsort(-scores, stable=True)[:keep]
+        matrices, names = matrices[order], [names[i] for i in order.tolist()]
+    best_name, matrix = names[0], matrices[0]
     score, overlap = ncc_score(input, support, matrix, min_overlap)
     return RefinementResult(matrix=matrix, ncc=score, overlap=overlap, start=str(best_name))
