@@ -124,7 +124,8 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
 
 def _measure(args: argparse.Namespace) -> None:
     from stnkit.evaluation.invariance import (
-        DEFAULT_RANGES, TRANSFORM_KINDS, InvarianceReport, InvarianceRow, canvas_digits, measure_invariance,
+        DEFAULT_RANGES, SPREAD_UNITS, TRANSFORM_KINDS, InvarianceReport, InvarianceRow, canvas_digits,
+        measure_invariance,
     )
 
     spec = get_task(args.task)
@@ -153,6 +154,8 @@ def _measure(args: argparse.Namespace) -> None:
             if cache.is_file() and not args.overwrite:
                 saved = json.loads(cache.read_text())
                 report = InvarianceReport(**{**saved, "rows": []})
+                if "canonical_spread" not in saved:
+                    raise SystemExit(f"{cache}: measured by an older version (no canonical spread); pass --overwrite")
                 report.rows = [InvarianceRow(**row) for row in saved["rows"]]
             else:
                 report = measure_invariance(model, x, y, kind, values)
@@ -162,11 +165,12 @@ def _measure(args: argparse.Namespace) -> None:
             if test_error is None:
                 test_error = evaluate(model, test_x[: args.test_limit], test_y[: args.test_limit])
             entry = collected.setdefault(name, {"params": [], "test_error": [], "error": [], "transformer_distance": [],
-                                               "feature_distance": [], "corner_error_px": [], "cpu_min": []})
+                                               "feature_distance": [], "corner_error_px": [], "spread": [], "cpu_min": []})
             entry["params"].append(count_parameters(model))
             entry["test_error"].append(test_error)
             for key in ("error", "transformer_distance", "feature_distance", "corner_error_px"):
                 entry[key].append(report.mean(key))
+            entry["spread"].append(report.canonical_spread)
             entry["cpu_min"].append(info.get("cpu_s", float("nan")) / 60)
             print(name, root, {k: v[-1] for k, v in entry.items()}, flush=True)
     rows = []
@@ -175,7 +179,7 @@ def _measure(args: argparse.Namespace) -> None:
             name, f"{entry['params'][0]:,}", str(len(entry["test_error"])), _mean_std(entry["test_error"], 100, 2),
             _mean_std(entry["error"], 100, 2), _mean_std(entry["transformer_distance"]),
             _mean_std(entry["feature_distance"]), _mean_std(entry["corner_error_px"], digits=2),
-            _mean_std(entry["cpu_min"], digits=1),
+            _mean_std(entry["spread"], digits=2), _mean_std(entry["cpu_min"], digits=1),
         ])
     oracle_lines = []
     cnn_paths = [root / "cnn" / "checkpoints" / "last.safetensors" for root in roots]
@@ -213,9 +217,15 @@ def _measure(args: argparse.Namespace) -> None:
         float(((transformation_matrix(kind, v, (spec.size, spec.size)) @ corners - corners)[:2].norm(dim=0) * spec.size / 2).mean())
         for v in values
     ) / len(values)
+    from stnkit.evaluation.invariance import canonical_spread
+
+    identity_spread = canonical_spread(
+        kind, torch.stack([transformation_matrix(kind, v, (spec.size, spec.size)) for v in values])[:, None], (spec.size, spec.size)
+    )
     unit = TRANSFORM_KINDS[kind]
     header = ["model", "params", "seeds", f"test error % ({spec.code} test set)", f"error % on transformed digits",
-              "transformer-output distance", "feature-map distance", "corner error (px)", "train CPU (min)"]
+              "transformer-output distance", "feature-map distance", "corner error (px)",
+              f"canonical spread ({SPREAD_UNITS[kind]})", "train CPU (min)"]
     lines = [
         f"# Invariance of STN variants (Finnveden, Jansson & Lindeberg, ICPR 2020): {spec.code} MNIST ({spec.name}), {kind} sweep",
         "",
@@ -236,7 +246,11 @@ def _measure(args: argparse.Namespace) -> None:
         "the distances are sum ||A(Tx) - A(x)||^2 / sum ||A(x)||^2 averaged over the values; "
         "corner error: mean distance, in input pixels, between where the image corners of the canonical frame "
         f"land in x along the two paths (input transformers only; a transformer that always predicts the identity "
-        f"scores {identity_px:.2f} px here).",
+        f"scores {identity_px:.2f} px here). Canonical spread (input transformers only; Finnveden et al.'s consistency "
+        "measure, as their code computes it): per digit, the standard deviation over the sweep of the canonical "
+        f"frame's {kind} (`stnkit.evaluation.invariance.canonical_spread`), averaged over the digits; 0 for a perfect "
+        f"canonicaliser, {identity_spread:.2f} (the spread of the sweep itself) for a transformer that always predicts "
+        "the identity.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from stnkit.cli.main import main
 from stnkit.data.digits import load_digit_sample
 from stnkit.data.distortions import DistortedMNIST
 from stnkit.evaluation.invariance import (
+    canonical_spread,
     canvas_digits,
     feature_transform_gap,
     measure_invariance,
@@ -71,6 +74,31 @@ def test_a_perfect_canonicaliser_gives_zero_distance_and_zero_corner_error():
         assert row.error == 0.0
     # Without canonicalisation the shifted images are far from the originals.
     assert normalised_distance(transform_images(x, "translation", 3.0), x) > 0.5
+    # ... and the canonical frame does not move (Finnveden et al.'s consistency measure).
+    assert report.canonical_spread == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind,values,expected", [
+    ("rotation", [-30.0, 0.0, 30.0], None),  # circular std of the angles
+    ("translation", [-3.0, -1.0, 0.0, 2.0, 3.0], float(np.std([-3.0, -1.0, 0.0, 2.0, 3.0]))),
+    ("scale", [0.8, 1.0, 1.25], float(np.std(np.log([0.8, 1.0, 1.25])))),
+])
+def test_canonical_spread_of_an_identity_transformer_is_the_spread_of_the_sweep(kind, values, expected):
+    model = classifier("st-cnn", "affine", (28, 28))  # starts at the identity transform
+    x = torch.rand(3, 1, 28, 28)
+    report = measure_invariance(model, x, None, kind, values)
+    if kind == "rotation":
+        angles = np.deg2rad(values)
+        expected = float(np.rad2deg(np.sqrt(-2 * np.log(np.hypot(np.cos(angles).mean(), np.sin(angles).mean())))))
+    assert report.canonical_spread == pytest.approx(expected, rel=1e-4)
+    assert "canonical spread" in report.table()
+
+
+def test_canonical_spread_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="composed must be"):
+        canonical_spread("rotation", torch.eye(3).expand(2, 3, 3), (28, 28))
+    with pytest.raises(ValueError, match="unknown transformation"):
+        canonical_spread("shear", torch.eye(3).expand(2, 2, 3, 3), (28, 28))
 
 
 def test_corner_error_of_an_identity_transformer_is_how_far_t_moves_the_corners():

@@ -61,6 +61,8 @@ __all__ = [
     "model_views",
     "measure_invariance",
     "canvas_digits",
+    "canonical_spread",
+    "SPREAD_UNITS",
     "feature_transform_gap",
 ]
 
@@ -68,6 +70,8 @@ __all__ = [
 TRANSFORM_KINDS: dict[str, str] = {"rotation": "degrees", "translation": "pixels", "scale": "factor"}
 #: Default parameter range of each kind.
 DEFAULT_RANGES: dict[str, tuple[float, float]] = {"rotation": (-90.0, 90.0), "translation": (-6.0, 6.0), "scale": (0.7, 1.4)}
+#: Unit of :func:`canonical_spread` for each kind.
+SPREAD_UNITS: dict[str, str] = {"rotation": "degrees", "translation": "pixels", "scale": "log-scale (std of ln s)"}
 #: The parameter value of each kind that is the identity.
 IDENTITY_VALUES: dict[str, float] = {"rotation": 0.0, "translation": 0.0, "scale": 1.0}
 
@@ -243,12 +247,17 @@ class InvarianceReport:
     count : int
         Number of test images.
     rows : list of InvarianceRow
+    canonical_spread : float or None
+        Input transformers with a matrix family only: how much the canonical
+        frame of each image moves over the sweep, averaged over the images
+        (see :func:`canonical_spread`); 0 for a perfect canonicaliser.
     """
 
     transform: str
     unit: str
     count: int
     rows: list[InvarianceRow] = field(default_factory=list)
+    canonical_spread: float | None = None
 
     def column(self, name: str) -> list[float | None]:
         """One measure over the sweep, e.g. ``report.column("error")``."""
@@ -261,7 +270,8 @@ class InvarianceReport:
 
     def to_dict(self) -> dict:
         """JSON-able form."""
-        return {"transform": self.transform, "unit": self.unit, "count": self.count, "rows": [asdict(r) for r in self.rows]}
+        return {"transform": self.transform, "unit": self.unit, "count": self.count,
+                "rows": [asdict(r) for r in self.rows], "canonical_spread": self.canonical_spread}
 
     def table(self) -> str:
         """A plain-text table, one line per parameter value."""
@@ -280,6 +290,8 @@ class InvarianceReport:
             f"{'mean':>20} {fmt(self.mean('error'), 100, 2):>8} {fmt(self.mean('transformer_distance')):>15} "
             f"{fmt(self.mean('feature_distance')):>12} {fmt(self.mean('corner_error_px'), digits=2):>10}"
         )
+        if self.canonical_spread is not None:
+            lines.append(f"canonical spread: {self.canonical_spread:.3f} {SPREAD_UNITS[self.transform]}")
         return "\n".join(lines)
 
     def plot(self, path: str | Path, title: str = "") -> Path:
@@ -308,6 +320,48 @@ class InvarianceReport:
         figure.savefig(path, dpi=110)
         plt.close(figure)
         return path
+
+
+def canonical_spread(kind: str, composed: Tensor, size: Sequence[int]) -> float:
+    """How much each image's canonical frame moves over a sweep, averaged over the images.
+
+    After Finnveden, Jansson & Lindeberg's measure of how consistently an STN
+    undoes a transformation (their code reports the spread of the applied plus
+    the predicted transformation around each image's mean). ``composed[v, i]``
+    is the backward map canonical frame -> ``x_i`` along the path ``T_v x_i``
+    (``M_T M_{T x}``); a perfect canonicaliser gives the same map for every
+    ``v``. The spread is, per image, the standard deviation over ``v`` of the
+    canonical frame's
+    * rotation angle (circular standard deviation, degrees) for ``"rotation"``;
+    * centre position (pixels of ``size``, root of the summed x and y variances) for ``"translation"``;
+    * log scale, ``ln sqrt(|det A|)``, for ``"scale"``;
+    then averaged over the images.
+
+    Args:
+        kind: ``"rotation"``, ``"translation"`` or ``"scale"``.
+        composed: ``(V, N, 3, 3)`` float matrices, normalised coordinates.
+        size: ``(H, W)`` of the images.
+
+    Examples
+    --------
+    >>> same = torch.eye(3).expand(5, 2, 3, 3)
+    >>> canonical_spread("rotation", same, (28, 28))
+    0.0
+    """
+    kind = _check_kind(kind)
+    if composed.dim() != 4 or composed.shape[-2:] != (3, 3):
+        raise ValueError(f"composed must be (V, N, 3, 3), got {tuple(composed.shape)}")
+    a = composed.double()
+    if kind == "rotation":
+        angle = torch.atan2(a[..., 1, 0] - a[..., 0, 1], a[..., 0, 0] + a[..., 1, 1])  # (V, N)
+        resultant = torch.stack((angle.cos().mean(0), angle.sin().mean(0))).norm(dim=0).clamp(1e-12, 1.0)
+        return float(torch.rad2deg(torch.sqrt(-2.0 * torch.log(resultant))).mean())
+    if kind == "translation":
+        centre = a[..., :2, 2] / a[..., 2:, 2]  # where the canonical centre lands, normalised
+        pixels = centre * torch.tensor([size[1] / 2.0, size[0] / 2.0], dtype=torch.float64)
+        return float(pixels.var(dim=0, unbiased=False).sum(-1).sqrt().mean())
+    log_scale = 0.5 * torch.log(torch.linalg.det(a[..., :2, :2]).abs().clamp_min(1e-300))
+    return float(log_scale.std(dim=0, unbiased=False).mean())
 
 
 def _corner_errors(m_transform: Tensor, m_transformed: Tensor, m_original: Tensor, size: Sequence[int]) -> Tensor:
@@ -402,11 +456,13 @@ def measure_invariance(
         batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
         base = [_to_cpu(views(batch.to(device))) for batch in batches]
         report = InvarianceReport(kind, TRANSFORM_KINDS[kind], len(images))
+        composed: list[Tensor] = []  # per value: (N, 3, 3) canonical frame -> x, for the spread
         for value in values:
             m_transform = transformation_matrix(kind, value, images.shape[-2:])
             wrong = 0
             sums = {"transformer_output": [0.0, 0.0], "features": [0.0, 0.0]}
             corner_sum, corner_count = 0.0, 0
+            frames: list[Tensor] = []
             for index, (batch, reference) in enumerate(zip(batches, base)):
                 current = _to_cpu(views(transform_images(batch, kind, value).to(device)))
                 if labels is not None:
@@ -421,6 +477,9 @@ def measure_invariance(
                     errors = _corner_errors(m_transform, current["matrix"], reference["matrix"], images.shape[-2:])
                     corner_sum += float(errors.sum())
                     corner_count += len(errors)
+                    frames.append(m_transform @ current["matrix"].double())
+            if frames and len(frames) == len(batches):
+                composed.append(torch.cat(frames))
 
             def ratio(key: str) -> float | None:
                 squared, norm = sums[key]
@@ -435,6 +494,8 @@ def measure_invariance(
                     corner_error_px=corner_sum / corner_count if corner_count else None,
                 )
             )
+        if len(composed) == len(values) and len(values) > 1:
+            report.canonical_spread = canonical_spread(kind, torch.stack(composed), images.shape[-2:])
     finally:
         if model is not None:
             model.train(was_training)
