@@ -151,3 +151,29 @@ def test_builder_validates_its_config():
         build_model({"kind": "aligner", "transform": "similarity"})
     with pytest.raises(ValueError, match="fusion"):
         build_model({"kind": "aligner", "fusion": "sum"})
+
+
+def test_correlation_fusion_trains_and_round_trips(camera, tmp_path):
+    torch.manual_seed(0)
+    model = build_model({"kind": "aligner", "transform": "projective", "size": [64, 64], "channels": [8, 16, 16],
+                         "iterations": 1, "fusion": "correlation"})
+    x, s = torch.rand(3, 1, 64, 64), torch.rand(3, 1, 64, 64)
+    assert model(x, s).shape == (3, 8)
+    path = save_checkpoint(tmp_path / "corr.safetensors", model)
+    loaded = load_model(path)
+    assert loaded.fusion == "correlation"
+    torch.testing.assert_close(loaded.eval()(x, s), model.eval()(x, s))
+    # A short training on translations brings the validation error well below the identity's.
+    run = train_aligner(camera, "projective", tmp_path / "run", steps=80, batch_size=16, lr=5e-3, size=(64, 64),
+                        channels=(8, 16, 16), iterations=1, fusion="correlation", ranges=TRANSLATION, photometric=False,
+                        eval_every=40, checkpoint_every=80, val_pairs=32, progress=False)
+    import csv
+
+    with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
+        errors = [float(r["test_error"]) for r in csv.DictReader(handle) if r["test_error"]]
+    assert errors[-1] < 0.7 * errors[0] and run.fusion == "correlation"
+
+
+def test_correlation_fusion_needs_two_stages():
+    with pytest.raises(ValueError, match="at least 2 stages"):
+        Aligner("projective", size=(32, 32), channels=(8,), fusion="correlation")

@@ -22,6 +22,9 @@ from .main import CLIError
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Adam learning rate (cosine decay).")
 @click.option("--size", type=click.IntRange(min=16), default=128, help="Side of the square net input.")
 @click.option("--iterations", type=click.IntRange(min=1), default=2, help="Refinement iterations.")
+@click.option("--fusion", type=click.Choice(["concat", "correlation"]), default="concat",
+              help="How the net combines input and support: stacked channels, or a correlation volume of "
+                   "shared features.")
 @click.option("--rho", type=click.FloatRange(min=0), default=None,
               help="HomographyNet-like corner perturbation in pixels of the net size (projective); "
                    "default: the library's WarpRanges.")
@@ -37,7 +40,7 @@ from .main import CLIError
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def command(images_dir, builtin, family, out_dir, steps, batch_size, lr, size, iterations, rho, photometric_weight,
+def command(images_dir, builtin, family, out_dir, steps, batch_size, lr, size, iterations, fusion, rho, photometric_weight,
             photometric_loss, eval_every, checkpoint_every, seed, threads, device, init, resume, overwrite, progress) -> None:
     """Train an aligner on synthetic warps of training images (no labels needed).
 
@@ -60,7 +63,7 @@ def command(images_dir, builtin, family, out_dir, steps, batch_size, lr, size, i
             raise CLIError(f"--rho must be below half the net size ({size / 2}), got {rho}")
         ranges = homographynet_ranges(rho, size)
     train_aligner(
-        images, family, out_dir, steps, batch_size, lr, size=(size, size), iterations=iterations, ranges=ranges,
+        images, family, out_dir, steps, batch_size, lr, size=(size, size), iterations=iterations, fusion=fusion, ranges=ranges,
         photometric_weight=photometric_weight, photometric_kind=photometric_loss, val_images=val_images,
         eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, init=init, resume=resume, overwrite=overwrite,
         num_threads=threads, device=device, progress=progress, log=click.echo,

@@ -40,7 +40,7 @@ __all__ = ["Aligner", "AlignmentResult", "build_aligner", "aligner_transform", "
 SHIPPED_ALIGNER = "aligner-projective"
 
 _FAMILIES = ("affine", "projective", "tps")
-_FUSIONS = ("concat",)
+_FUSIONS = ("concat", "correlation")
 
 
 def aligner_transform(family: str, tps_grid: int = 4) -> Transform:
@@ -91,6 +91,59 @@ def _backbone(in_channels: int, channels: Sequence[int], pooled: int, hidden: in
     return nn.Sequential(*layers), hidden
 
 
+class _CorrelationBackbone(nn.Module):
+    """Siamese features of input and support, a global correlation volume, then a conv head.
+
+    The localisation input is ``(N, 2, H, W)``: channel 0 the (warped) input,
+    channel 1 the support. One shared tower (the first ``len(channels) - 1``
+    stages) maps each to ``(N, C, h, w)`` features, L2-normalised per position;
+    their correlation ``corr[n, k, i, j] = <f_input[n, :, i, j], f_support[n, :, k]>``
+    over every support position ``k`` is a ``(N, h*w, h, w)`` volume: for each input
+    position, how well it matches every support position, which is what a
+    homography's corner offsets are read from (Rocco et al. 2017; DeTone et al. 2016
+    fuse by concatenation instead). A last stage, pooling and a fully-connected
+    layer read the volume.
+    """
+
+    def __init__(self, channels: Sequence[int], pooled: int, hidden: int) -> None:
+        super().__init__()
+        if len(channels) < 2:
+            raise ValueError(f"the correlation fusion needs at least 2 stages in channels, got {list(channels)!r}")
+        self.standardise = _Standardise()
+        tower: list[nn.Module] = []
+        c = 1
+        for i, c_out in enumerate(channels[:-1]):
+            tower += _conv_block(c, c_out, 2)
+            if i > 0:
+                tower += _conv_block(c_out, c_out, 1)
+            c = c_out
+        self.tower = nn.Sequential(*tower)
+        self.stages = len(channels) - 1
+        self.head_channels = channels[-1]
+        self.pooled, self.hidden = pooled, hidden
+        self.head: nn.Module | None = None  # built on first use: its input width is h * w of the tower
+
+    def _build_head(self, positions: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        layers = [*_conv_block(positions, self.head_channels, 2), *_conv_block(self.head_channels, self.head_channels, 1),
+                  nn.AdaptiveAvgPool2d(self.pooled), nn.Flatten(),
+                  nn.Linear(self.head_channels * self.pooled * self.pooled, self.hidden), nn.ReLU(inplace=True)]
+        return nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != 2:
+            raise ValueError(f"the correlation backbone reads (N, 2, H, W) (input, support), got {tuple(x.shape)}")
+        x = self.standardise(x)
+        batch = x.shape[0]
+        features = self.tower(torch.cat((x[:, :1], x[:, 1:]), dim=0))  # one pass for both images
+        features = F.normalize(features, dim=1)
+        f_input, f_support = features[:batch], features[batch:]
+        _, c, h, w = f_input.shape
+        corr = torch.einsum("nck,ncij->nkij", f_support.reshape(batch, c, h * w), f_input)
+        if self.head is None:
+            raise RuntimeError("call Aligner.build_head() (done by the constructor) before forward")
+        return self.head(F.relu(corr))
+
+
 @dataclass
 class AlignmentResult:
     """What :meth:`Aligner.align` returns.
@@ -136,8 +189,11 @@ class Aligner(nn.Module):
         Widths of the conv stages (each halves the resolution).
     iterations : int, default 2
         Refinement rounds (compose parameters, sample once).
-    fusion : {"concat"}
-        How input and support are combined: concatenated along channels.
+    fusion : {"concat", "correlation"}
+        How input and support are combined: ``"concat"`` stacks them as two
+        channels of one conv net (HomographyNet); ``"correlation"`` runs one
+        shared conv tower on each and reads their global correlation volume
+        (see ``benchmarks/RESULTS.md`` for the comparison).
     hidden : int
         Width of the fully-connected layer before the regression head.
     pooled : int
@@ -180,7 +236,13 @@ class Aligner(nn.Module):
         self.size = check_size(tuple(size), "size")
         self.fusion = fusion
         family_transform = aligner_transform(transform, tps_grid)
-        backbone, features = _backbone(2, channels, pooled, hidden)
+        if fusion == "correlation":
+            backbone, features = _CorrelationBackbone(channels, pooled, hidden), hidden
+            with torch.no_grad():  # the head's input width is the number of tower positions
+                probe = backbone.tower(torch.zeros(1, 1, *self.size))
+            backbone.head = backbone._build_head(probe.shape[-2] * probe.shape[-1], probe.device, probe.dtype)
+        else:
+            backbone, features = _backbone(2, channels, pooled, hidden)
         localisation = Localisation(backbone, RegressionHead(features, family_transform, bounds=True))
         self.stn = SpatialTransformer(localisation, family_transform, out_size=self.size, loc_size=self.size,
                                       iterations=iterations, padding_mode="zeros")

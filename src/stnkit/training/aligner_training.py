@@ -201,6 +201,7 @@ def train_aligner(
     size: Sequence[int] = (128, 128),
     channels: Sequence[int] = (16, 32, 64, 96),
     iterations: int = 2,
+    fusion: str = "concat",
     ranges: WarpRanges | None = None,
     photometric: bool | PhotometricRanges = True,
     photometric_weight: float = 0.0,
@@ -235,7 +236,7 @@ def train_aligner(
         Pairs per step.
     lr : float
         Adam's initial learning rate; cosine decay to ``lr * min_lr_ratio``.
-    size, channels, iterations
+    size, channels, iterations, fusion
         Architecture (see :class:`~stnkit.models.aligner.Aligner`).
     ranges : WarpRanges, optional
         Warp ranges of the training pairs (defaults of :class:`WarpRanges`;
@@ -329,7 +330,7 @@ def train_aligner(
     dist.barrier()  # every rank has looked at out_dir before rank 0 clears it
 
     config = {"kind": "aligner", "transform": family, "size": list(size), "channels": list(channels),
-              "iterations": iterations, "fusion": "concat"}
+              "iterations": iterations, "fusion": fusion}
     torch.manual_seed(seed)
     model: Aligner = build_model(config)
     if init is not None and not resume:
