@@ -16,11 +16,14 @@ on 1 - NCC, so brightness and contrast changes do not matter):
    image gradient times the grid's derivative (a forward-compositional update,
    as in Lucas-Kanade and ECC).
 2. A damped Gauss-Newton step is taken when it raises the NCC over the overlap,
-   else the damping grows; the level ends when the step is below ``tol``.
+   else the damping grows; a start is done when its step is below ``tol``.
 
-:func:`candidate_matrices` adds, where OpenCV is installed, a SIFT + RANSAC
-estimate on the same views as a second starting point; :func:`refine_alignment`
-refines every starting point at the coarsest level and keeps the best.
+Local refinement only finds the optimum whose basin it starts in, so
+:func:`candidate_matrices` offers several starts: the network's estimate, a
+SIFT + RANSAC estimate on the same views (where OpenCV is installed and finds
+one), the best of a coarse similarity search, and the identity.
+:func:`refine_alignment` refines them all at once (batched) at the coarsest
+level, the best few at the next, and the single best-correlated from there on.
 
 Convention: every matrix here is a ``(3, 3)`` float64 **backward** map from
 the support's normalised coordinates to the input's normalised coordinates
