@@ -128,6 +128,7 @@ def test_corrupted_download_is_rejected_and_leaves_nothing(data_root, tmp_path):
     assert "MD5 mismatch" in message and url + "train-images-idx3-ubyte.gz" in message
     assert FILES["mnist"][0].payload_md5 in message
     assert leftovers(root / "mnist") == []
+    assert not root.exists()  # nor the empty folders the download created
 
 
 def test_truncated_and_missing_files_are_rejected_without_real_data(tmp_path):

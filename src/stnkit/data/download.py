@@ -261,7 +261,21 @@ def download(
         raise ValueError(f"timeout must be positive, got {timeout}")
     say = log or (lambda line: None)
     directory = resolve_data_root(root) / dataset
+    created = [parent for parent in (directory, *directory.parents) if not parent.exists()]
     directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download_files(dataset, files, bases, directory, timeout, overwrite, say)
+    except DownloadError:
+        # Leave no empty folders behind: a later run (or the data reader) would mistake them for data.
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (a file was downloaded), or not ours to remove
+        raise
+
+
+def _download_files(dataset, files, bases, directory: Path, timeout: float, overwrite: bool, say) -> list[Path]:
     paths = []
     for remote in files:
         dest = directory / remote.name
