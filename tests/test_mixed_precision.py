@@ -92,3 +92,28 @@ def test_tensorboard_option_writes_event_files(tmp_path):
     Trainer(classifier("fcn", None, (28, 28)), None, lambda epoch: (x, y), (x, y), config).fit()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert (tmp_path / METRICS_FILE).is_file()
+
+
+def test_aligner_training_under_bf16_autocast_stays_finite(tmp_path):
+    import numpy as np
+
+    from stnkit.models.checkpoint import load_checkpoint
+    from stnkit.training.aligner_training import train_aligner
+
+    images = [np.random.default_rng(i).integers(0, 256, (80, 96), dtype=np.uint8) for i in range(2)]
+    train_aligner(images, "projective", tmp_path / "run", steps=6, batch_size=4, size=(32, 32), channels=(8, 8),
+                  iterations=2, val_pairs=4, eval_every=3, checkpoint_every=6, amp="bf16", progress=False)
+    state = load_checkpoint(tmp_path / "run" / "aligner.safetensors").model_state
+    assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())
+    with open(tmp_path / "run" / "metrics.csv") as handle:
+        assert "nan" not in handle.read().lower()
+
+
+def test_aligner_training_refuses_fp16_on_the_cpu(tmp_path):
+    import numpy as np
+
+    from stnkit.training.aligner_training import train_aligner
+
+    with pytest.raises(ValueError, match="fp16.*needs a CUDA device"):
+        train_aligner([np.zeros((40, 40), np.uint8)], "affine", tmp_path / "run", steps=1, batch_size=2,
+                      size=(16, 16), channels=(4,), amp="fp16", progress=False)

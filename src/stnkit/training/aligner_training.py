@@ -56,7 +56,7 @@ from stnkit.models.registry import build_model
 from stnkit.transforms.base import norm_from_pix, pix_from_norm
 from stnkit.training.distributed import DistributedContext, setup_distributed
 from stnkit.training.metrics_log import MetricsLog, read_metrics
-from stnkit.training.trainer import resolve_device
+from stnkit.training.trainer import mixed_precision, resolve_device
 
 __all__ = ["train_aligner", "corner_loss", "true_theta_matrix", "homographynet_ranges", "plot_aligner_curve"]
 
@@ -217,6 +217,7 @@ def train_aligner(
     overwrite: bool = False,
     num_threads: int | None = None,
     device: str | torch.device = "cpu",
+    amp: str = "off",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> Aligner:
@@ -266,6 +267,10 @@ def train_aligner(
     device : str or torch.device
         Training device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... or ``"auto"``
         (``"cuda"`` under ``torchrun`` picks ``cuda:LOCAL_RANK``).
+    amp : {"off", "bf16", "fp16"}
+        Mixed precision of the forward pass: bfloat16 autocast (CPU or GPU), or
+        float16 with a gradient scaler (GPU). The sampler, the grids and the
+        losses stay in float32.
     progress : bool
         Show a tqdm progress bar (rank 0 only).
     log : callable, optional
@@ -309,6 +314,7 @@ def train_aligner(
     device = resolve_device(device)
     dist = setup_distributed(device)
     device = dist.device_for(device)
+    amp_dtype, scaler = mixed_precision(amp, device)
     if batch_size < dist.world_size:
         raise ValueError(f"batch_size ({batch_size}) must be at least the number of processes ({dist.world_size})")
     train = _prepare_images(images, "images")
@@ -410,7 +416,9 @@ def train_aligner(
             # Every rank draws the same global batch (same rng) and keeps its slice.
             batch = _shard_pairs(batch_pairs(train, batch_size, family, size, ranges, photometric, rng), dist)
             batch = batch.to(device)
-            theta = net(batch.input, batch.support)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                theta = net(batch.input, batch.support)
+            theta = theta.float()
             per_pair = corner_loss(model, theta, batch)
             if photometric_weight > 0:
                 per_pair = per_pair + photometric_weight * photometric_loss_per_pair(model, theta, batch, photometric_kind)
@@ -420,9 +428,15 @@ def train_aligner(
             mean_loss = float(dist.all_reduce_sum(per_pair.detach().sum().reshape(1))) / batch_size
             optimizer.zero_grad(set_to_none=True)
             if math.isfinite(mean_loss):
-                loss.backward()
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                optimizer.step()
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)  # skips the step itself if the scaled gradients overflowed
+                    scaler.update()
                 running += mean_loss
                 count += 1
             else:

@@ -355,7 +355,7 @@ class Trainer:
         self.device = self.dist.device_for(resolve_device(self.config.device))
         self.model = model.to(self.device)
         self._train_model = self.dist.wrap(self.model, self.device)
-        self._amp_dtype, self._scaler = _mixed_precision(self.config.amp, self.device)
+        self._amp_dtype, self._scaler = mixed_precision(self.config.amp, self.device)
         self._tensorboard: Any = None
         self.train_epoch_fn = train_epoch_fn
         self.test_x, self.test_y = _check_xy(test_data, "test_data")
@@ -914,8 +914,16 @@ def _json_normalised(value: dict[str, Any], what: str) -> dict[str, Any]:
         raise ValueError(f"{what} must be JSON-serialisable: {exc}") from None
 
 
-def _mixed_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, Any]:
-    """The autocast dtype and gradient scaler of an ``amp`` setting on ``device``."""
+def mixed_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, Any]:
+    """The autocast dtype and gradient scaler of an ``amp`` setting (``"off"``, ``"bf16"``, ``"fp16"``) on ``device``.
+
+    Examples
+    --------
+    >>> mixed_precision("bf16", torch.device("cpu"))
+    (torch.bfloat16, None)
+    """
+    if amp not in ("off", "bf16", "fp16"):
+        raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {amp!r}")
     if amp == "off":
         return None, None
     if amp == "bf16":
