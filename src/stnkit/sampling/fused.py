@@ -230,15 +230,28 @@ def fused_applicable(
     # Plain tensors only: FakeTensors and other subclasses (torch.export, tracing modes) have no data pointer.
     if not _plain(x) or not _plain(theta):
         return False
-    if x.device.type != "cpu" or theta.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if x.device.type == "cuda":
+        # The Triton kernels (stnkit.sampling.triton_warp), float32 and half precisions only.
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not _triton_usable():
+            return False
+    elif x.device.type != "cpu" or theta.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
-    if isinstance(fill_value, Tensor) and (fill_value.requires_grad or fill_value.device.type != "cpu"):
+    if isinstance(fill_value, Tensor) and (fill_value.requires_grad or fill_value.device != x.device):
         return False
     if _is_compiling() or _exporting() or torch.jit.is_tracing() or torch.jit.is_scripting() or _onnx_exporting():
         return False
     if _functorch_wrapped(x) or _functorch_wrapped(theta):
         return False
-    return _implementation() != "off"
+    return x.device.type == "cuda" or _implementation() != "off"
+
+
+def _triton_usable() -> bool:
+    """Whether the Triton kernels can run (CUDA tensors; STNKIT_FUSED=0 turns them off too)."""
+    if os.environ.get("STNKIT_FUSED", "auto").strip().lower() in ("0", "off", "false", "no", "torch", "c"):
+        return False
+    from .triton_warp import triton_available
+
+    return triton_available()
 
 
 def _plain(tensor) -> bool:
@@ -434,9 +447,11 @@ def fused_warp(
     padding_mode : {"zeros", "border", "reflection", "fill"}
     fill_value : float, sequence of float or Tensor
         As in :func:`stnkit.sample`.
-    implementation : {"c", "torch"}, optional
-        Force one implementation (benchmarks, tests); by default the C kernel
-        when it builds, else the torch one.
+    implementation : {"c", "torch", "triton"}, optional
+        Force one implementation (benchmarks, tests); by default the Triton
+        kernels for CUDA tensors, and on the CPU the C kernel when it builds,
+        else the torch one. (``"triton"`` runs CPU tensors only under
+        ``TRITON_INTERPRET=1``, the interpreter the tests use.)
 
     Returns
     -------
@@ -482,10 +497,22 @@ def fused_warp(
         # Far beyond any image: the kernel's float-to-int tap arithmetic would overflow. The
         # reference path clamps such points and stays finite; it is as fast here as it matters.
         return sample(x, transform.grid(theta, out_size), mode=mode, padding_mode=padding_mode, fill_value=fill_value)
+    if implementation is None and x.device.type == "cuda":
+        implementation = "triton" if _triton_usable() and x.dtype != torch.float64 else "torch"
     if implementation is None:
         chosen = _implementation()
         implementation = chosen if chosen != "off" else ("c" if _library() is not None else "torch")
-    if implementation == "c":
+    if implementation == "triton":
+        from .triton_warp import TritonWarp, triton_available, triton_interpreted
+
+        if not triton_available():
+            raise RuntimeError("implementation='triton' needs Triton (pip install triton)")
+        if x.device.type != "cuda" and not triton_interpreted():
+            raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
+        if x.dtype == torch.float64:
+            raise ValueError("the Triton kernels compute in float32; use the reference path for float64")
+        function = TritonWarp
+    elif implementation == "c":
         if _library() is None:
             raise RuntimeError(f"the fused C kernel is unavailable: {_build_error}")
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
@@ -494,7 +521,7 @@ def fused_warp(
     elif implementation == "torch":
         function = _FusedWarpTorch
     else:
-        raise ValueError(f"unknown implementation {implementation!r}; expected 'c' or 'torch'")
+        raise ValueError(f"unknown implementation {implementation!r}; expected 'c', 'torch' or 'triton'")
     return function.apply(
         x, matrix, out_size, _MODES[mode], _PADDINGS[padding_mode], bool(transform.is_projective), fill
     )
