@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Training speed: ST-CNN vs CNN (CPU)",
         "",
-        f"- **machine**: {cpu_model()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads; "
-        "shared with other jobs while measured",
+        f"- **machine**: {cpu_model()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads "
+        "(see the load average for other jobs)",
         f"- **load average (1/5/15 min) before / after**: {load_before} / {load_average()}",
         f"- **software**: Python {platform.python_version()}, torch {torch.__version__}, stnkit {getattr(stnkit, '__version__', '?')}",
         f"- **fused kernel**: {kernel_status()}",
