@@ -66,6 +66,7 @@ TASK_RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("rts", "rotation"): (-45.0, 45.0),
     ("rts", "scale"): (0.7, 1.2),
     ("rts", "translation"): (-7.0, 7.0),
+    ("cluttered", "translation"): (-16.0, 16.0),
 }
 
 
