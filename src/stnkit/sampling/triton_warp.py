@@ -138,6 +138,31 @@ if triton is not None:
         return tl.where(tie & odd, r - 1.0, r)
 
     @triton.jit
+    def bilinear_taps(ix, iy, wmax, hmax):
+        """Fractional offsets, in-bounds flags and clamped indices of the four bilinear taps."""
+        fx = tl.floor(ix)
+        fy = tl.floor(iy)
+        bx0 = (fx >= 0.0) & (fx <= wmax)
+        bx1 = (fx + 1.0 >= 0.0) & (fx + 1.0 <= wmax)
+        by0 = (fy >= 0.0) & (fy <= hmax)
+        by1 = (fy + 1.0 >= 0.0) & (fy + 1.0 <= hmax)
+        x0 = tl.minimum(tl.maximum(fx, 0.0), wmax).to(tl.int32)
+        x1 = tl.minimum(tl.maximum(fx + 1.0, 0.0), wmax).to(tl.int32)
+        y0 = tl.minimum(tl.maximum(fy, 0.0), hmax).to(tl.int32)
+        y1 = tl.minimum(tl.maximum(fy + 1.0, 0.0), hmax).to(tl.int32)
+        return ix - fx, iy - fy, bx0, bx1, by0, by1, x0, x1, y0, y1
+
+    @triton.jit
+    def nearest_tap(ix, iy, wmax, hmax):
+        """In-bounds flag and clamped index of the nearest tap (ties to even, as nearbyint)."""
+        rx = round_half_even(ix)
+        ry = round_half_even(iy)
+        inside = (rx >= 0.0) & (rx <= wmax) & (ry >= 0.0) & (ry <= hmax)
+        xi = tl.minimum(tl.maximum(rx, 0.0), wmax).to(tl.int32)
+        yi = tl.minimum(tl.maximum(ry, 0.0), hmax).to(tl.int32)
+        return inside, xi, yi
+
+    @triton.jit
     def warp_forward(x_ptr, out_ptr, m_ptr, fill_ptr, m_stride, C, H, W, Ho, Wo, eps,
                      MODE: tl.constexpr, PAD: tl.constexpr, PROJECTIVE: tl.constexpr, BLOCK: tl.constexpr):
         n = tl.program_id(1)
@@ -148,18 +173,7 @@ if triton is not None:
         wmax = (W - 1).to(tl.float32)
         hmax = (H - 1).to(tl.float32)
         if MODE == 0:
-            fx = tl.floor(ix)
-            fy = tl.floor(iy)
-            ax = ix - fx
-            ay = iy - fy
-            bx0 = (fx >= 0.0) & (fx <= wmax)
-            bx1 = (fx + 1.0 >= 0.0) & (fx + 1.0 <= wmax)
-            by0 = (fy >= 0.0) & (fy <= hmax)
-            by1 = (fy + 1.0 >= 0.0) & (fy + 1.0 <= hmax)
-            x0 = tl.minimum(tl.maximum(fx, 0.0), wmax).to(tl.int32)
-            x1 = tl.minimum(tl.maximum(fx + 1.0, 0.0), wmax).to(tl.int32)
-            y0 = tl.minimum(tl.maximum(fy, 0.0), hmax).to(tl.int32)
-            y1 = tl.minimum(tl.maximum(fy + 1.0, 0.0), hmax).to(tl.int32)
+            ax, ay, bx0, bx1, by0, by1, x0, x1, y0, y1 = bilinear_taps(ix, iy, wmax, hmax)
             for c in range(0, C):
                 plane = x_ptr + (n * C + c).to(tl.int64) * H * W
                 f = tl.load(fill_ptr + c).to(tl.float32)
@@ -171,11 +185,7 @@ if triton is not None:
                 target = out_ptr + (n * C + c).to(tl.int64) * Ho * Wo + offs
                 tl.store(target, value.to(out_ptr.dtype.element_ty), mask=valid)
         else:
-            rx = round_half_even(ix)
-            ry = round_half_even(iy)
-            inside = (rx >= 0.0) & (rx <= wmax) & (ry >= 0.0) & (ry <= hmax)
-            xi = tl.minimum(tl.maximum(rx, 0.0), wmax).to(tl.int32)
-            yi = tl.minimum(tl.maximum(ry, 0.0), hmax).to(tl.int32)
+            inside, xi, yi = nearest_tap(ix, iy, wmax, hmax)
             for c in range(0, C):
                 plane = x_ptr + (n * C + c).to(tl.int64) * H * W
                 f = tl.load(fill_ptr + c).to(tl.float32)
@@ -195,18 +205,7 @@ if triton is not None:
         wmax = (W - 1).to(tl.float32)
         hmax = (H - 1).to(tl.float32)
         if MODE == 0:
-            fx = tl.floor(ix)
-            fy = tl.floor(iy)
-            ax = ix - fx
-            ay = iy - fy
-            bx0 = (fx >= 0.0) & (fx <= wmax)
-            bx1 = (fx + 1.0 >= 0.0) & (fx + 1.0 <= wmax)
-            by0 = (fy >= 0.0) & (fy <= hmax)
-            by1 = (fy + 1.0 >= 0.0) & (fy + 1.0 <= hmax)
-            x0 = tl.minimum(tl.maximum(fx, 0.0), wmax).to(tl.int32)
-            x1 = tl.minimum(tl.maximum(fx + 1.0, 0.0), wmax).to(tl.int32)
-            y0 = tl.minimum(tl.maximum(fy, 0.0), hmax).to(tl.int32)
-            y1 = tl.minimum(tl.maximum(fy + 1.0, 0.0), hmax).to(tl.int32)
+            ax, ay, bx0, bx1, by0, by1, x0, x1, y0, y1 = bilinear_taps(ix, iy, wmax, hmax)
             gix = tl.zeros([BLOCK], tl.float32)
             giy = tl.zeros([BLOCK], tl.float32)
             for c in range(0, C):
@@ -245,11 +244,7 @@ if triton is not None:
                     tl.atomic_add(row + 8, tl.sum(dw, axis=0))
         else:
             if NEED_X:
-                rx = round_half_even(ix)
-                ry = round_half_even(iy)
-                inside = (rx >= 0.0) & (rx <= wmax) & (ry >= 0.0) & (ry <= hmax)
-                xi = tl.minimum(tl.maximum(rx, 0.0), wmax).to(tl.int32)
-                yi = tl.minimum(tl.maximum(ry, 0.0), hmax).to(tl.int32)
+                inside, xi, yi = nearest_tap(ix, iy, wmax, hmax)
                 for c in range(0, C):
                     g = tl.load(g_ptr + (n * C + c).to(tl.int64) * Ho * Wo + offs, mask=valid, other=0.0)
                     plane = gx_ptr + (n * C + c).to(tl.int64) * H * W
