@@ -105,7 +105,7 @@ class _CorrelationBackbone(nn.Module):
     layer read the volume.
     """
 
-    def __init__(self, channels: Sequence[int], pooled: int, hidden: int) -> None:
+    def __init__(self, channels: Sequence[int], pooled: int, hidden: int, size: Sequence[int]) -> None:
         super().__init__()
         if len(channels) < 2:
             raise ValueError(f"the correlation fusion needs at least 2 stages in channels, got {list(channels)!r}")
@@ -118,16 +118,12 @@ class _CorrelationBackbone(nn.Module):
                 tower += _conv_block(c_out, c_out, 1)
             c = c_out
         self.tower = nn.Sequential(*tower)
-        self.stages = len(channels) - 1
-        self.head_channels = channels[-1]
-        self.pooled, self.hidden = pooled, hidden
-        self.head: nn.Module | None = None  # built on first use: its input width is h * w of the tower
-
-    def _build_head(self, positions: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        layers = [*_conv_block(positions, self.head_channels, 2), *_conv_block(self.head_channels, self.head_channels, 1),
-                  nn.AdaptiveAvgPool2d(self.pooled), nn.Flatten(),
-                  nn.Linear(self.head_channels * self.pooled * self.pooled, self.hidden), nn.ReLU(inplace=True)]
-        return nn.Sequential(*layers).to(device=device, dtype=dtype)
+        # The head reads one channel per tower position: h * w at the net size.
+        with torch.no_grad():
+            positions = self.tower(torch.zeros(1, 1, *size)).shape[-2:].numel()
+        c = channels[-1]
+        self.head = nn.Sequential(*_conv_block(positions, c, 2), *_conv_block(c, c, 1), nn.AdaptiveAvgPool2d(pooled),
+                                  nn.Flatten(), nn.Linear(c * pooled * pooled, hidden), nn.ReLU(inplace=True))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 2:
@@ -139,8 +135,6 @@ class _CorrelationBackbone(nn.Module):
         f_input, f_support = features[:batch], features[batch:]
         _, c, h, w = f_input.shape
         corr = torch.einsum("nck,ncij->nkij", f_support.reshape(batch, c, h * w), f_input)
-        if self.head is None:
-            raise RuntimeError("call Aligner.build_head() (done by the constructor) before forward")
         return self.head(F.relu(corr))
 
 
@@ -237,10 +231,7 @@ class Aligner(nn.Module):
         self.fusion = fusion
         family_transform = aligner_transform(transform, tps_grid)
         if fusion == "correlation":
-            backbone, features = _CorrelationBackbone(channels, pooled, hidden), hidden
-            with torch.no_grad():  # the head's input width is the number of tower positions
-                probe = backbone.tower(torch.zeros(1, 1, *self.size))
-            backbone.head = backbone._build_head(probe.shape[-2] * probe.shape[-1], probe.device, probe.dtype)
+            backbone, features = _CorrelationBackbone(channels, pooled, hidden, self.size), hidden
         else:
             backbone, features = _backbone(2, channels, pooled, hidden)
         localisation = Localisation(backbone, RegressionHead(features, family_transform, bounds=True))

@@ -169,12 +169,16 @@ def _implementation() -> str:
     reference path. ``torch``: the torch implementation. ``0``/``off``: the
     reference path.
     """
-    choice = os.environ.get("STNKIT_FUSED", "auto").strip().lower()
-    if choice in ("0", "off", "false", "no"):
-        return "off"
-    if choice == "torch":
-        return "torch"
+    choice = _fused_setting()
+    if choice in ("off", "torch"):
+        return choice
     return "c" if _library() is not None else "off"
+
+
+def _fused_setting() -> str:
+    """``STNKIT_FUSED`` normalised: ``"off"`` for 0/off/false/no, else its lower-cased value (``"auto"`` unset)."""
+    choice = os.environ.get("STNKIT_FUSED", "auto").strip().lower()
+    return "off" if choice in ("0", "off", "false", "no") else choice
 
 
 def fused_available() -> bool:
@@ -247,7 +251,7 @@ def fused_applicable(
 
 def _triton_usable() -> bool:
     """Whether the Triton kernels can run (CUDA tensors; STNKIT_FUSED=0 turns them off too)."""
-    if os.environ.get("STNKIT_FUSED", "auto").strip().lower() in ("0", "off", "false", "no", "torch", "c"):
+    if _fused_setting() in ("off", "torch", "c"):
         return False
     from .triton_warp import triton_available
 
@@ -330,16 +334,22 @@ class _FusedWarpC(torch.autograd.Function):
                 9 if matrices.shape[0] > 1 else 0, batch, channels, height, width, out_size[0], out_size[1],
                 mode, padding, int(projective), eps, fill.data_ptr(), _threads(batch, channels, out_size),
             )  # fmt: skip
-        grad_matrix = None
-        if need_matrix:
-            if grad_matrices is None:
-                grad_matrix = torch.zeros(matrix_batch, 3, 3, dtype=matrix_dtype)
-            else:
-                grad_matrix = grad_matrices.view(batch, 3, 3)
-                if matrix_batch == 1 and batch > 1:
-                    grad_matrix = grad_matrix.sum(0, keepdim=True)
-                grad_matrix = grad_matrix.to(matrix_dtype)
+        grad_matrix = matrix_grad(grad_matrices, matrix_batch, matrix_dtype) if need_matrix else None
         return grad_x, grad_matrix, None, None, None, None, None
+
+
+def matrix_grad(rows: Tensor | None, matrix_batch: int, dtype: torch.dtype) -> Tensor:
+    """``d loss / d matrix`` from a kernel's per-image ``(N, 9)`` sums: ``(matrix_batch, 3, 3)`` in ``dtype``.
+
+    ``rows`` is None where there is no gradient to the points (nearest
+    interpolation): zeros. One matrix shared by the batch gets the sum over images.
+    """
+    if rows is None:
+        return torch.zeros(matrix_batch, 3, 3, dtype=dtype)
+    grad = rows.view(-1, 3, 3)
+    if matrix_batch == 1 and grad.shape[0] > 1:
+        grad = grad.sum(0, keepdim=True)
+    return grad.to(dtype)
 
 
 # ---------------------------------------------------------------------------------- the torch path

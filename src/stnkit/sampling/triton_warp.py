@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .fused import matrix_grad
+
 __all__ = ["triton_available", "triton_interpreted", "TritonWarp"]
 
 _BLOCK = 256
@@ -308,10 +310,5 @@ class TritonWarp(torch.autograd.Function):
             MODE=mode, PAD=padding, PROJECTIVE=bool(projective), NEED_X=bool(need_x), NEED_M=bool(want_matrix),
             BLOCK=_BLOCK,
         )
-        grad_matrix = None
-        if need_matrix:
-            grad_matrix = grad_m.view(batch, 3, 3)
-            if matrix_batch == 1 and batch > 1:
-                grad_matrix = grad_matrix.sum(0, keepdim=True)
-            grad_matrix = grad_matrix.to(matrix_dtype)
+        grad_matrix = matrix_grad(grad_m, matrix_batch, matrix_dtype) if need_matrix else None
         return (grad_x.to(x.dtype) if grad_x is not None else None), grad_matrix, None, None, None, None, None
