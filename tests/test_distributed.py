@@ -55,7 +55,10 @@ WORKER = SETUP + textwrap.dedent(
         trainer = Trainer(model, None, epoch_fn, test_data, TrainConfig(**settings))
     result = trainer.fit()
     assert trainer.dist.world_size == 2, trainer.dist
-    print("RESULT", trainer.dist.rank, result.steps, result.test_error, flush=True)
+    # One write per line: torchrun runs the workers unbuffered, and print() would write word by word,
+    # interleaving the two ranks' lines.
+    sys.stdout.write(f"RESULT {trainer.dist.rank} {result.steps} {result.test_error}\\n")
+    sys.stdout.flush()
     """
 )
 

@@ -48,7 +48,9 @@ WORKER = textwrap.dedent(
     images = [np.random.default_rng(i).integers(0, 256, (80, 96), dtype=np.uint8) for i in range(3)]
     model = training.train_aligner(images, **settings)
     import torch.distributed as dist
-    print("RESULT", dist.get_rank(), dist.get_world_size(), flush=True)
+    # One write per line (torchrun runs the workers unbuffered; print() would interleave the ranks).
+    sys.stdout.write(f"RESULT {dist.get_rank()} {dist.get_world_size()}\\n")
+    sys.stdout.flush()
     """
 )
 

@@ -292,7 +292,20 @@ def sync_batch_norm(model: nn.Module, device: torch.device | str = "cpu") -> nn.
     return convert(model)
 
 
-def shutdown_distributed() -> None:
-    """Leave the process group, if this process is in one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(timeout_s: float = 60.0) -> None:
+    """Leave the process group, if this process is in one, together with the other ranks.
+
+    The ranks meet at a barrier first: a rank that tears its gloo connections down
+    while another still uses them can abort it (SIGABRT at exit under torchrun).
+    If a rank is gone, the barrier gives up after ``timeout_s`` seconds.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass  # another rank failed or left: leave anyway
+    dist.destroy_process_group()
