@@ -32,6 +32,8 @@ from typing import Iterator
 
 import numpy as np
 
+from ..models.imaging import to_gray_uint8  # noqa: F401 (re-exported with the data layer's other image helpers)
+
 __all__ = [
     "BUILTIN_SPLITS",
     "DEFAULT_MAX_PIXELS",
@@ -408,55 +410,3 @@ def load_image_folder(
     return images
 
 
-def to_gray_uint8(image, name: str = "image") -> np.ndarray:
-    """Convert an image array (or CPU tensor) to a contiguous uint8 ``(H, W)`` greyscale array.
-
-    Parameters
-    ----------
-    image : array-like or torch.Tensor
-        ``(H, W)``, ``(H, W, 1|3|4)`` (RGB/RGBA) or, for tensors, ``(1, H, W)``
-        and ``(1, 1, H, W)``. uint8 is used as is, uint16 is scaled by 1/257,
-        floating point is taken as intensities in ``[0, 1]`` (and clipped).
-    name : str
-        What to call the argument in error messages.
-
-    Raises
-    ------
-    TypeError
-        If ``image`` is not numeric or is boolean.
-    ValueError
-        If the shape is not one of the above or the image is empty.
-
-    Examples
-    --------
-    >>> to_gray_uint8(np.full((2, 3), 0.5, np.float32))
-    array([[128, 128, 128],
-           [128, 128, 128]], dtype=uint8)
-    """
-    import cv2
-
-    if hasattr(image, "detach"):  # a torch tensor: channels first
-        image = image.detach().cpu().numpy()
-        while image.ndim > 2 and image.shape[0] == 1:
-            image = image[0]
-    arr = np.asarray(image)
-    if arr.dtype == bool or arr.dtype.kind not in "uif":
-        raise TypeError(f"{name} must be a numeric image array, got dtype {arr.dtype}")
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
-        raise ValueError(f"{name} must have shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name} is empty, got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        if arr.dtype.kind == "f":
-            arr = np.clip(np.nan_to_num(arr.astype(np.float32)) * 255.0 + 0.5, 0, 255)
-        elif arr.dtype == np.uint16:
-            arr = arr / 257.0 + 0.5
-        else:
-            arr = np.clip(arr, 0, 255)
-        arr = arr.astype(np.uint8)
-    if arr.ndim == 3:
-        code = cv2.COLOR_RGB2GRAY if arr.shape[2] == 3 else cv2.COLOR_RGBA2GRAY
-        arr = cv2.cvtColor(np.ascontiguousarray(arr), code)
-    return np.ascontiguousarray(arr)

@@ -43,6 +43,7 @@ import cv2
 import numpy as np
 
 from stnkit.data.images import to_gray_uint8
+from stnkit.models.imaging import KeypointFit, fit_homography, orb_matches, sift_homography
 
 __all__ = [
     "CLASSICAL_METHODS",
@@ -151,47 +152,25 @@ def _estimate_ecc_pyramid(
     return _invert(warp)
 
 
-def _match_and_fit(
-    input_points: np.ndarray, support_points: np.ndarray, ransac_threshold: float, what: str
-) -> np.ndarray:
-    if len(input_points) < 4:
-        raise _Failure(f"{what}: {len(input_points)} matches, need at least 4 for a homography")
-    matrix, inliers = cv2.findHomography(
-        input_points.reshape(-1, 1, 2), support_points.reshape(-1, 1, 2), cv2.RANSAC, float(ransac_threshold)
-    )
-    if matrix is None:
-        raise _Failure(f"{what}: RANSAC found no homography among {len(input_points)} matches")
-    return matrix.astype(np.float64)
+def _fitted(fit: KeypointFit) -> np.ndarray:
+    if fit.support_pix_from_input_pix is None:
+        raise _Failure(fit.reason)
+    return fit.support_pix_from_input_pix
 
 
 def _estimate_orb_ransac(
     input_image: np.ndarray, support: np.ndarray, *, n_features: int = 500, ransac_threshold: float = 3.0
 ) -> np.ndarray:
-    orb = cv2.ORB_create(nfeatures=int(n_features))
-    kp_input, desc_input = orb.detectAndCompute(input_image, None)
-    kp_support, desc_support = orb.detectAndCompute(support, None)
-    if desc_input is None or desc_support is None:
-        raise _Failure(f"ORB: no keypoints ({len(kp_input)} in input, {len(kp_support)} in support)")
-    matches = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=True).match(desc_input, desc_support)
-    input_points = np.float32([kp_input[m.queryIdx].pt for m in matches])
-    support_points = np.float32([kp_support[m.trainIdx].pt for m in matches])
-    return _match_and_fit(input_points, support_points, ransac_threshold, "ORB")
+    input_points, support_points, reason = orb_matches(input_image, support, n_features)
+    if reason:
+        raise _Failure(reason)
+    return _fitted(fit_homography(input_points, support_points, ransac_threshold, "ORB"))
 
 
 def _estimate_sift_ransac(
     input_image: np.ndarray, support: np.ndarray, *, ratio: float = 0.75, ransac_threshold: float = 3.0
 ) -> np.ndarray:
-    sift = cv2.SIFT_create()
-    kp_input, desc_input = sift.detectAndCompute(input_image, None)
-    kp_support, desc_support = sift.detectAndCompute(support, None)
-    if desc_input is None or desc_support is None or len(kp_support) < 2:
-        raise _Failure(f"SIFT: too few keypoints ({len(kp_input)} in input, {len(kp_support)} in support)")
-    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(desc_input, desc_support, k=2)
-    # Lowe's ratio test: keep a match only if it is clearly better than the runner-up.
-    good = [pair[0] for pair in knn if len(pair) == 2 and pair[0].distance < ratio * pair[1].distance]
-    input_points = np.float32([kp_input[m.queryIdx].pt for m in good])
-    support_points = np.float32([kp_support[m.trainIdx].pt for m in good])
-    return _match_and_fit(input_points, support_points, ransac_threshold, "SIFT")
+    return _fitted(sift_homography(input_image, support, ratio=ratio, ransac_threshold=ransac_threshold))
 
 
 # ---------------------------------------------------------------- helpers

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stnkit.localisation.nets import Localisation, RegressionHead
+from stnkit.models.imaging import to_gray_uint8
 from stnkit.models.registry import register_model
 from stnkit.modules.spatial_transformer import SpatialTransformer
 from stnkit.transforms import MatrixTransform, Transform, get_transform
@@ -356,8 +357,6 @@ class Aligner(nn.Module):
 
     def _net_view(self, image: np.ndarray, size: Sequence[int] | None = None) -> Tensor:
         """``(1, 1, h, w)`` float32 greyscale at ``size`` (the net size by default), resized with antialiasing."""
-        from stnkit.data.images import to_gray_uint8
-
         size = self.size if size is None else tuple(size)
         gray = torch.from_numpy(to_gray_uint8(image).astype(np.float32) / 255.0)[None, None]
         if tuple(gray.shape[-2:]) == size:

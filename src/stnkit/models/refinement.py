@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..transforms.base import norm_from_pix, pix_from_norm
+from .imaging import sift_homography
 
 __all__ = ["RefinementResult", "refine_alignment", "corner_update", "ncc_score", "candidate_matrices"]
 
@@ -273,7 +274,7 @@ def candidate_matrices(
 
     ``"network"``: the given estimate; ``"features"``: SIFT + RANSAC on the
     same views (needs OpenCV and at least 8 inliers, else left out);
-    ``"search1"``... ``"search3"``: the three best-correlated of a coarse grid of
+    ``"search1"``... ``"search8"``: the eight best-correlated of a coarse grid of
     shifts and zooms (25 shifts of up to 0.4 half-widths times 3 scales, scored by NCC at 32 px);
     ``"identity"``.
     """
@@ -314,28 +315,18 @@ def _grid_search(input: Tensor, support: Tensor, side: int = 32, keep: int = 8) 
 
 
 def _sift_matrix(input: Tensor, support: Tensor, min_inliers: int = 8) -> Tensor | None:
+    """SIFT + RANSAC (:func:`~stnkit.models.imaging.sift_homography`) as a normalised backward matrix, or None."""
     try:
-        import cv2  # noqa: PLC0415 (optional dependency)
+        import cv2  # noqa: F401, PLC0415 (optional dependency)
     except ImportError:
         return None
     a = (input[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     b = (support[0, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    sift = cv2.SIFT_create()
-    kp_a, desc_a = sift.detectAndCompute(a, None)
-    kp_b, desc_b = sift.detectAndCompute(b, None)
-    if desc_a is None or desc_b is None or len(kp_a) < 4 or len(kp_b) < 2:
-        return None
-    pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(desc_a, desc_b, k=2)
-    good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < 0.75 * p[1].distance]
-    if len(good) < min_inliers:
-        return None
-    points_a = np.float32([kp_a[m.queryIdx].pt for m in good]).reshape(-1, 1, 2)
-    points_b = np.float32([kp_b[m.trainIdx].pt for m in good]).reshape(-1, 1, 2)
-    support_pix_from_input_pix, inliers = cv2.findHomography(points_a, points_b, cv2.RANSAC, 3.0)
-    if support_pix_from_input_pix is None or inliers is None or int(inliers.sum()) < min_inliers:
+    fit = sift_homography(a, b)
+    if fit.support_pix_from_input_pix is None or fit.inliers < min_inliers:
         return None
     try:
-        backward = np.linalg.inv(support_pix_from_input_pix)
+        backward = np.linalg.inv(fit.support_pix_from_input_pix)
     except np.linalg.LinAlgError:
         return None
     matrix = norm_from_pix(tuple(a.shape)) @ torch.from_numpy(backward) @ pix_from_norm(tuple(b.shape))

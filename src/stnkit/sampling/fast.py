@@ -33,9 +33,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
+
+try:  # NumPy is not a dependency of the core: without it, importing works and warp_image says what it needs.
+    import numpy as np
+except ModuleNotFoundError:  # pragma: no cover - exercised by tests/test_architecture.py in a subprocess
+    np = None
 
 from ..transforms import Transform, get_transform
 from ..transforms.base import MatrixTransform, check_size, norm_from_pix, pix_from_norm
@@ -223,6 +227,8 @@ def warp_image(
     """
     if backend not in ("auto", "opencv", "torch"):
         raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'opencv' or 'torch'")
+    if np is None:
+        raise ImportError("warp_image needs NumPy: pip install numpy (or stnkit[all])")
     mode = _parse_enum(InterpolationMode, mode, "mode")
     padding_mode = _parse_enum(PaddingMode, padding_mode, "padding_mode")
     work, layout = _as_hwc(image)
