@@ -229,7 +229,9 @@ class ThinPlateSpline(Transform):
             raise ValueError(f"ThinPlateSpline: regularisation must be finite and >= 0, got {regularisation!r}")
         self.regularisation = float(regularisation)
         self.num_params = 2 * self.grid_size[0] * self.grid_size[1]
-        self._solution_float64: Tensor | None = None  # the one solve, on the CPU
+        # The one solve, on the CPU and at construction: the system depends on the lattice alone,
+        # and a solve first met inside torch.compile would break the graph.
+        self._solution_float64: Tensor = solve_tps_system(self.control_points(dtype=torch.float64), self.regularisation)
         self._solutions: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._grid_operators: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
 
@@ -261,11 +263,7 @@ class ThinPlateSpline(Transform):
         key = (torch.device(device), dtype)
         solution = self._solutions.get(key)
         if solution is None:
-            if self._solution_float64 is None:
-                # Solved on the CPU: float64 is not available on every accelerator (MPS).
-                self._solution_float64 = solve_tps_system(
-                    self.control_points(dtype=torch.float64), self.regularisation
-                )
+            # Solved on the CPU (float64 is not available on every accelerator, e.g. MPS), moved on first use.
             solution = self._solution_float64.to(device=device, dtype=dtype)
             self._solutions[key] = solution
         return solution
