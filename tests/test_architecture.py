@@ -20,7 +20,7 @@ CORE = LAYERS[:4]
 def _imports(path: Path) -> list[tuple[str, int]]:
     """``(absolute module name, line)`` for every import statement in the file."""
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-    package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+    package = parts[:-1]  # for a module and for a package's __init__ alike: the folder holding the file
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):

@@ -1,11 +1,11 @@
-"""Image-array helpers of the models, built on OpenCV: greyscale conversion, keypoint matching, homography fitting.
+"""Image-array helpers of the models, built on OpenCV: greyscale, keypoint matching, homography fitting.
 
 :func:`to_gray_uint8` turns what a user hands to :meth:`stnkit.models.Aligner.align`
 (or a dataset) into the greyscale array every aligner and baseline works on.
-The keypoint functions (SIFT, ORB, RANSAC) are one implementation shared by the photometric refinement's ``"features"`` start
-(:mod:`stnkit.models.refinement`) and the classical baselines of
-:mod:`stnkit.evaluation.classical`, so that the baseline we compare against and
-the start we refine from are the same estimate.
+The keypoint functions (SIFT, ORB, RANSAC) are one implementation shared by
+the photometric refinement's ``"features"`` start (:mod:`stnkit.models.refinement`)
+and the classical baselines of :mod:`stnkit.evaluation.classical`, so that the
+baseline we compare against and the start we refine from are the same estimate.
 
 Convention: images are 2-D ``uint8`` arrays; every homography returned is the
 float64 3x3 ``support_pix_from_input_pix`` (input pixel ``(x, y, 1)`` to the
