@@ -1,4 +1,4 @@
-"""Training speed of the ST-CNN against the same CNN without the transformer (CPU).
+"""Training speed of the ST-CNN against the same CNN without the transformer (CPU or GPU).
 
 Both models are the distorted-MNIST classifiers of :mod:`stnkit.models.classifiers`
 (``cnn`` and ``st-cnn`` with an affine transformer) on RTS-distorted digits
@@ -14,11 +14,14 @@ causes) takes. The ST-CNN runs twice: with the default warp (the fused kernel,
 :mod:`stnkit.sampling.fused`) and with ``STNKIT_FUSED=0`` (grid + grid_sample).
 
 ``--profile`` adds a per-operator breakdown of one ST-CNN step (torch.profiler).
+``--device cuda`` runs on a GPU (each step synchronised before the clock is read);
+there the fused warp is the Triton kernel.
 
 Usage::
 
     python benchmarks/train_speed.py --out benchmarks/results/train_speed.md
     python benchmarks/train_speed.py --quick --profile
+    python benchmarks/train_speed.py --device cuda --out benchmarks/results/train_speed_gpu.md
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ class Runner:
             loss = F.cross_entropy(self.model(x), y)
             loss.backward()
             self.optimiser.step()
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         finally:
             if previous is None:
@@ -79,7 +84,8 @@ def profile_step(runner: Runner, x: torch.Tensor, y: torch.Tensor, rows: int = 1
     from torch.profiler import ProfilerActivity, profile
 
     runner.step(x, y, record=False)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=activities) as prof:
         runner.step(x, y, record=False)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
@@ -93,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="8 steps, 2 warm-up")
     parser.add_argument("--profile", action="store_true", help="add a per-operator profile of one ST-CNN step")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("train_speed.py: --device cuda given but CUDA is not available")
+        return 2
     if args.quick:
         args.steps, args.warmup = 8, 2
     if args.threads:
@@ -101,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     images, labels = load_digit_sample("train")
     x_all, y_all = DistortedMNIST("rts", "train", images=images, labels=labels).epoch(0)
+    x_all, y_all = x_all.to(device), y_all.to(device)
     runners = [
-        Runner("cnn", classifier("cnn", None, (42, 42))),
-        Runner("st-cnn (fused warp, default)", classifier("st-cnn", "affine", (42, 42)), fused=True),
-        Runner("st-cnn (grid + grid_sample)", classifier("st-cnn", "affine", (42, 42)), fused=False),
+        Runner("cnn", classifier("cnn", None, (42, 42)).to(device)),
+        Runner("st-cnn (fused warp, default)", classifier("st-cnn", "affine", (42, 42)).to(device), fused=True),
+        Runner("st-cnn (grid + grid_sample)", classifier("st-cnn", "affine", (42, 42)).to(device), fused=False),
     ]
     batches = len(x_all) // args.batch
     load_before = load_average()
@@ -118,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
 
     base = {clock: statistics.median(getattr(runners[0], attr)) for clock, attr in (("wall", "times"), ("cpu", "cpu_times"))}
     lines = [
-        "# Training speed: ST-CNN vs CNN (CPU)",
+        f"# Training speed: ST-CNN vs CNN ({'GPU' if device.type == 'cuda' else 'CPU'})",
         "",
         f"- **machine**: {cpu_model()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads "
         "(see the load average for other jobs)",
+        *([f"- **device**: {torch.cuda.get_device_name(device)}"] if device.type == "cuda" else []),
         f"- **load average (1/5/15 min) before / after**: {load_before} / {load_average()}",
         f"- **software**: Python {platform.python_version()}, torch {torch.__version__}, stnkit {getattr(stnkit, '__version__', '?')}",
         f"- **fused kernel**: {kernel_status()}",

@@ -1,0 +1,214 @@
+"""Everything stnkit measures on a lent GPU, in one time-boxed run.
+
+A GPU is lent to some sessions only, for minutes, so the GPU work is one
+prepared script rather than a series of commands:
+
+1. the GPU tests (``-m gpu``, and the CUDA branches of the files that have them);
+   if the Triton kernels fail them, training falls back to ``STNKIT_FUSED=0``;
+2. ``benchmarks/warp_gpu.py`` and ``benchmarks/train_speed.py --device cuda``;
+3. the distorted-MNIST training runs of :data:`JOBS`, side by side on the one GPU.
+   Each first trains two epochs in a probe folder (``--max-steps``) to measure its
+   own epoch time with all jobs running, then trains afresh with as many epochs
+   of a single cosine schedule as fit before ``--budget`` runs out.
+
+Everything lands in ``--out``: logs, the benchmark tables and each run's folder
+(checkpoints, metrics, learning curve); ``--archive`` packs it all into one file. Score the
+returned checkpoints anywhere with ``stnkit eval RUN/checkpoints/last.safetensors
+--task TASK --test-seed S``.
+
+Usage (on the GPU machine, from the repository root, stnkit importable)::
+
+    STNKIT_DATA=.data python3 scripts/gpu_session.py --out /tmp/gpu --archive "$OUT/gpu_session.tgz" --budget 540
+    python scripts/gpu_session.py --out /tmp/dry --budget 150 --device cpu --train-limit 2000 --skip tests  # dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 256  # the paper's batch size; on a GPU a step costs about the same at 128 or 256
+RECIPE = [
+    "--optimizer", "adam", "--lr", "0.002", "--loc-lr-scale", "0.3",
+    "--batch-size", str(BATCH), "--max-grad-norm", "5", "--seed", "21",
+]  # fmt: skip
+# name -> (task, model, transform, extra flags)
+JOBS: dict[str, tuple[str, str, str, list[str]]] = {
+    "rts-affine": ("rts", "st-cnn", "affine", []),
+    "rts-affine-wd": ("rts", "st-cnn", "affine", ["--weight-decay", "1e-4"]),
+    "rotated-affine-wd": ("rotated", "st-cnn", "affine", ["--weight-decay", "1e-4"]),
+    "projective-projective": ("projective", "st-cnn", "projective", []),
+    "elastic-tps": ("elastic", "st-cnn", "tps", []),
+}
+PROBE_EPOCHS = 2
+MAX_EPOCHS = 600
+
+
+def stnkit_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "stnkit.cli.main", *args]
+
+
+class Session:
+    def __init__(self, out: Path, budget: float, device: str) -> None:
+        self.out, self.budget, self.device = out, budget, device
+        self.started = time.monotonic()
+        self.log = open(out / "session.log", "a", encoding="utf-8")
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.started)
+
+    def say(self, text: str) -> None:
+        line = f"[{time.monotonic() - self.started:6.1f}s] {text}"
+        print(line, flush=True)
+        self.log.write(line + "\n")
+        self.log.flush()
+
+    def run(self, name: str, command: list[str], timeout: float, env: dict | None = None) -> int:
+        self.say(f"{name}: {' '.join(command)} (timeout {timeout:.0f}s)")
+        with open(self.out / f"{name}.log", "w", encoding="utf-8") as log:
+            try:
+                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env, cwd=ROOT).returncode
+            except subprocess.TimeoutExpired:
+                code = 124
+        self.say(f"{name}: exit {code}")
+        return code
+
+
+def epoch_seconds(run_dir: Path) -> float | None:
+    """Seconds per epoch from a run's metrics (epoch 1 minus epoch 0, so start-up is left out)."""
+    try:
+        with open(run_dir / "metrics.csv", encoding="utf-8") as handle:
+            times = {int(row["epoch"]): float(row["time"]) for row in csv.DictReader(handle) if row.get("time")}
+    except (OSError, ValueError, KeyError):
+        return None
+    if 0 in times and 1 in times:
+        return times[1] - times[0]
+    return None
+
+
+def train(session: Session, runs: Path, env: dict, train_limit: int | None, reserve: float) -> None:
+    """Probe every job for two epochs side by side, then train each afresh with the epochs that fit."""
+    limit = ["--train-limit", str(train_limit)] if train_limit else []
+    common = ["--device", session.device, "--no-progress", "--checkpoint-every", "100000"]
+
+    def launch(name: str, folder: Path, extra: list[str]) -> subprocess.Popen:
+        task, model, transform, flags = JOBS[name]
+        command = stnkit_command(
+            "train", "--task", task, "--model", model, "--transform", transform, "--out", str(folder / name),
+            *RECIPE, *flags, *limit, *common, *extra,
+        )  # fmt: skip
+        session.say(f"start {name}: {' '.join(command[3:])}")
+        log = open(folder / f"{name}.log", "a", encoding="utf-8")
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    probe_dir = runs.parent / "probe"
+    probe_dir.mkdir(exist_ok=True)
+    probes = {}
+    for name in JOBS:
+        steps = math.ceil((train_limit or 60000) / BATCH) * PROBE_EPOCHS
+        probes[name] = launch(name, probe_dir, ["--epochs", str(MAX_EPOCHS), "--max-steps", str(steps)])
+    for name, process in probes.items():
+        try:
+            process.wait(timeout=max(session.left() - reserve, 1))
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait(timeout=20)
+        session.say(f"probe {name}: exit {process.returncode}, {epoch_seconds(probe_dir / name)} s/epoch")
+
+    finals = {}
+    for name in JOBS:
+        per_epoch = epoch_seconds(probe_dir / name)
+        if per_epoch is None:
+            session.say(f"skip {name}: its probe did not finish two epochs (see probe/{name}.log)")
+            continue
+        # 10% margin and 20 s of start-up; jobs that end early only speed up the others.
+        epochs = int(0.9 * (session.left() - reserve - 20) / per_epoch)
+        epochs = min(max(epochs, 1), MAX_EPOCHS)
+        session.say(f"{name}: {per_epoch:.2f} s/epoch -> {epochs} epochs")
+        finals[name] = launch(name, runs, ["--epochs", str(epochs)])
+    for name, process in finals.items():
+        try:
+            process.wait(timeout=max(session.left() - reserve, 1))
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait(timeout=20)
+            session.say(f"{name}: stopped at the deadline; its last checkpoint is mid-schedule")
+        session.say(f"final {name}: exit {process.returncode}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="working folder: logs, tables, runs/")
+    parser.add_argument("--archive", type=Path, default=None, help="pack --out into this .tgz at the end")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole session")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--train-limit", type=int, default=None, help="training digits per epoch (dry runs)")
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip: tests,bench,train")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    session = Session(args.out, args.budget, args.device)
+    skip = set(filter(None, args.skip.split(",")))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    env.setdefault("STNKIT_DATA", str(ROOT / ".data"))
+    env.setdefault("MPLBACKEND", "Agg")
+    session.say(f"python {sys.version.split()[0]}, budget {args.budget:.0f}s, device {args.device}, data {env['STNKIT_DATA']}")
+    probe = "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')"
+    if session.run("versions", [sys.executable, "-c", probe], timeout=60, env=env) != 0:
+        print((args.out / "versions.log").read_text(encoding="utf-8"))
+        return 1
+    print((args.out / "versions.log").read_text(encoding="utf-8"))
+
+    if "tests" not in skip:
+        pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+        code = session.run("pytest_gpu", [*pytest, "-m", "gpu", "tests"], timeout=120, env=env)
+        session.run(
+            "pytest_cuda_branches",
+            [*pytest, "-k", "cuda or gpu or device", "tests/test_triton_warp.py", "tests/test_fused.py",
+             "tests/test_tps.py", "tests/test_displacement.py", "tests/test_mixed_precision.py"],
+            timeout=120, env=env,
+        )  # fmt: skip
+        for name in ("pytest_gpu", "pytest_cuda_branches"):
+            print(name, (args.out / f"{name}.log").read_text(encoding="utf-8").strip().splitlines()[-1:])
+        if code != 0:
+            env["STNKIT_FUSED"] = "0"
+            session.say("GPU tests failed: training runs with STNKIT_FUSED=0 (grid + grid_sample)")
+    if "bench" not in skip:
+        bench = [sys.executable]
+        session.run("warp_gpu", [*bench, "benchmarks/warp_gpu.py", "--device", args.device, "--out", str(args.out / "warp_gpu.md")], 120, env)
+        session.run(
+            "train_speed_gpu",
+            [*bench, "benchmarks/train_speed.py", "--device", args.device, "--steps", "30", "--warmup", "5",
+             "--out", str(args.out / "train_speed_gpu.md")],
+            90, env,
+        )  # fmt: skip
+    runs = args.out / "runs"
+    runs.mkdir(exist_ok=True)
+    if "train" not in skip:
+        train(session, runs, env, args.train_limit, reserve=15)
+    for table in ("warp_gpu.md", "train_speed_gpu.md"):
+        if (args.out / table).exists():
+            print((args.out / table).read_text(encoding="utf-8"))
+    if args.archive:
+        session.log.close()
+        with tarfile.open(args.archive, "w:gz") as archive:
+            # The probes' checkpoints are throw-away; their logs and metrics are kept.
+            archive.add(args.out, arcname="gpu_session", filter=_without_probe_checkpoints)
+        print(f"wrote {args.archive}")
+    return 0
+
+
+def _without_probe_checkpoints(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    parts = Path(member.name).parts
+    return None if "probe" in parts and "checkpoints" in parts else member
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
