@@ -52,7 +52,10 @@ CHECK = textwrap.dedent(
         out = fused_warp(x_tri, theta_tri, transform, (9, 15), mode, padding, fill, implementation="triton")
         gx, gt = torch.autograd.grad(out, (x_tri, theta_tri), grad_out)
         results[f"{family}/{mode}/{padding}"] = [
-            float((out - reference).abs().max()), float((gx - gx_ref).abs().max()), float((gt - gt_ref).abs().max())
+            float((out - reference).abs().max()),
+            float((gx - gx_ref).abs().max()),
+            # theta's gradient sums hundreds of terms (in another order on a GPU): relative to its size
+            float((gt - gt_ref).abs().max() / gt_ref.abs().max().clamp_min(1.0)),
         ]
     print(json.dumps(results))
     """
@@ -71,7 +74,7 @@ def _assert_close(results: dict[str, list[float]]) -> None:
     for case, (forward, grad_x, grad_theta) in results.items():
         assert forward < 1e-5, (case, forward)
         assert grad_x < 1e-5, (case, grad_x)
-        assert grad_theta < 1e-4, (case, grad_theta)
+        assert grad_theta < 1e-5, (case, grad_theta)  # relative to the largest entry (~40 here)
 
 
 def test_interpreted_kernels_match_the_reference_in_every_mode():

@@ -45,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -60,7 +61,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..transforms import Transform, get_transform
-from ..transforms.base import MatrixTransform, _is_compiling, check_size, normalised_pixel_centres
+from ..transforms.base import MatrixTransform, _is_compiling, check_size, deferred_value_checks, normalised_pixel_centres
 from .sampler import InterpolationMode, PaddingMode, _check_image, _fill_tensor, _parse_enum, sample
 
 __all__ = ["fused_warp", "fused_applicable", "fused_available", "kernel_status"]
@@ -193,11 +194,17 @@ def fused_available() -> bool:
 
 
 def kernel_status() -> str:
-    """A one-line description of the fused kernel, for logs and benchmark reports."""
+    """A one-line description of the fused kernels, for logs and benchmark reports."""
     library = _library()
-    if library is not None:
-        return f"C kernel ({library._name})"
-    return f"C kernel unavailable ({_build_error}); torch fallback"
+    status = f"C kernel ({library._name})" if library is not None else f"C kernel unavailable ({_build_error}); torch fallback"
+    if torch.cuda.is_available():
+        if _triton_usable():
+            import triton
+
+            status += f"; CUDA tensors: Triton kernels (triton {triton.__version__})"
+        else:
+            status += "; CUDA tensors: grid + grid_sample (Triton missing or STNKIT_FUSED set)"
+    return status
 
 
 # ------------------------------------------------------------------------------------- applicability
@@ -485,7 +492,8 @@ def fused_warp(
     transform = get_transform(transform)
     if not isinstance(transform, MatrixTransform):
         raise TypeError(f"fused_warp needs a matrix family, got {type(transform).__name__}")
-    theta = transform.check_theta(theta)
+    with deferred_value_checks():  # the values are checked once, on the matrix, below
+        theta = transform.check_theta(theta)
     if theta.shape[0] != x.shape[0] and theta.shape[0] != 1:
         raise ValueError(f"batch mismatch: x has {x.shape[0]} images but theta has {theta.shape[0]} rows")
     out_size = check_size(tuple(x.shape[-2:]) if out_size is None else out_size)
@@ -493,17 +501,24 @@ def fused_warp(
     padding_mode = _parse_enum(PaddingMode, padding_mode, "padding_mode")
     if mode not in _MODES:
         raise ValueError(f"fused_warp supports bilinear and nearest interpolation, got {mode.value!r}")
-    fill = _fill_tensor(fill_value if padding_mode is PaddingMode.FILL else 0.0, x).detach()
-    fill = fill.reshape(-1).expand(x.shape[1]).contiguous()
-    matrix = transform.matrix(theta)
-    # A NaN or infinite matrix would send the kernel's tap indices anywhere: refuse it with the
-    # reference path's error (MatrixTransform.grid) before any native code runs.
-    if not torch.isfinite(matrix).all():
+    if padding_mode is PaddingMode.FILL:
+        fill = _fill_tensor(fill_value, x).detach().reshape(-1).expand(x.shape[1]).contiguous()
+    else:
+        fill = x.new_zeros(x.shape[1])  # no host-to-device copy of a Python 0.0
+    with deferred_value_checks():
+        matrix = transform.matrix(theta)
+    # One host read checks every value (a GPU synchronises once per warp, not once per check):
+    # amax propagates NaN and keeps inf, so a non-finite theta or matrix shows as a non-finite peak.
+    peak = float(matrix.detach().abs().amax()) if matrix.numel() else 0.0
+    if not math.isfinite(peak):
+        # A NaN or infinite matrix would send the kernel's tap indices anywhere. Name the cause
+        # with the checked steps' own errors (theta, then h33), else the reference path's.
+        transform.matrix(transform.check_theta(theta))
         raise ValueError(
             f"{type(transform).__name__}: degenerate transform, its matrix is not finite "
             "(e.g. projective corners with three collinear points, or parameters too large for the dtype)"
         )
-    if matrix.numel() and matrix.abs().amax() > _MATRIX_LIMIT:
+    if peak > _MATRIX_LIMIT:
         # Far beyond any image: the kernel's float-to-int tap arithmetic would overflow. The
         # reference path clamps such points and stays finite; it is as fast here as it matters.
         return sample(x, transform.grid(theta, out_size), mode=mode, padding_mode=padding_mode, fill_value=fill_value)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..transforms import Transform, get_transform
-from ..transforms.base import _data_checks_enabled, _is_compiling, check_size, grid_limit
+from ..transforms.base import _data_checks_enabled, _is_compiling, check_size, deferred_value_checks, grid_limit
 
 __all__ = ["InterpolationMode", "PaddingMode", "sample", "warp"]
 
@@ -201,7 +201,8 @@ def warp(
     """
     x = _check_image(x)
     transform = get_transform(transform)
-    theta = transform.check_theta(theta)
+    with deferred_value_checks():  # shape and dtype here; each path below checks the values
+        theta = transform.check_theta(theta)
     if theta.shape[0] != x.shape[0] and theta.shape[0] != 1:
         raise ValueError(f"batch mismatch: x has {x.shape[0]} images but theta has {theta.shape[0]} rows")
     out_size = check_size(tuple(x.shape[-2:]) if out_size is None else out_size)

@@ -26,6 +26,8 @@ tensor of shape ``(B, num_params)``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from abc import ABC, abstractmethod
 from typing import Sequence
@@ -60,11 +62,37 @@ def grid_limit(dtype: torch.dtype) -> float:
     return min(GRID_LIMIT, float(2 ** math.floor(math.log2(torch.finfo(dtype).max / 1024))))
 
 
+_VALUE_CHECKS_DEFERRED = contextvars.ContextVar("stnkit_value_checks_deferred", default=False)
+
+
+@contextlib.contextmanager
+def deferred_value_checks():
+    """Skip the per-call value checks (finite theta, non-zero h33) inside; the caller checks once.
+
+    Every value check reads a tensor on the host, which on a GPU waits for the
+    device: a warp made of several checked steps would synchronise several
+    times. A caller that enters this context must check its final result itself
+    (the fused warp does, in one reduction over the matrix) and re-run the
+    checked steps to name the error when that check fails.
+    """
+    if _is_compiling():  # no value checks while compiling anyway; Dynamo cannot trace ContextVar
+        yield
+        return
+    token = _VALUE_CHECKS_DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS_DEFERRED.reset(token)
+
+
 def _data_checks_enabled() -> bool:
-    """False while compiling, tracing or exporting, where data-dependent checks break the graph."""
+    """False while compiling, tracing or exporting, where data-dependent checks break the graph,
+    and inside :func:`deferred_value_checks`."""
+    if _is_compiling():
+        return False
     onnx = getattr(torch, "onnx", None)
     exporting = bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
-    return not (_is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or exporting)
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or exporting or _VALUE_CHECKS_DEFERRED.get())
 
 
 def check_size(size: Sequence[int], name: str = "out_size") -> Size:
@@ -175,7 +203,7 @@ class Transform(ABC):
             raise ValueError(
                 f"{family}: theta must have shape (B, {self.num_params}), got {tuple(theta.shape)}"
             )
-        if not _is_compiling() and not torch.isfinite(theta).all():
+        if _data_checks_enabled() and not torch.isfinite(theta).all():
             raise ValueError(f"{family}: theta contains NaN or Inf")
         return theta
 
