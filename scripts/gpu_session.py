@@ -4,7 +4,8 @@ A GPU is lent to some sessions only, for minutes, so the GPU work is one
 prepared script rather than a series of commands:
 
 1. the GPU tests (``-m gpu``, and the CUDA branches of the files that have them);
-   if the Triton kernels fail them, training falls back to ``STNKIT_FUSED=0``;
+   if the Triton kernels fail them, training (not the benchmarks, which report
+   the default path) falls back to ``STNKIT_FUSED=0``;
 2. ``benchmarks/warp_gpu.py`` and ``benchmarks/train_speed.py --device cuda``;
 3. the distorted-MNIST training runs of :data:`JOBS`, side by side on the one GPU.
    Each first trains two epochs in a probe folder (``--max-steps``) to measure its
@@ -96,6 +97,10 @@ def epoch_seconds(run_dir: Path) -> float | None:
 
 def train(session: Session, runs: Path, env: dict, train_limit: int | None, reserve: float) -> None:
     """Probe every job for two epochs side by side, then train each afresh with the epochs that fit."""
+    # Each job's data generation and evaluation use CPU threads: share the cores out. Left at
+    # torch's default (every core per job), five jobs on 16 cores took 20 s an epoch against
+    # 2.4 s for one job with 8 threads (H200 machine, 2026-11-26).
+    env = dict(env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // len(JOBS))))
     limit = ["--train-limit", str(train_limit)] if train_limit else []
     common = ["--device", session.device, "--no-progress", "--checkpoint-every", "100000"]
 
@@ -152,13 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--train-limit", type=int, default=None, help="training digits per epoch (dry runs)")
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: tests,bench,train")
+    parser.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated training jobs (default: all of {', '.join(JOBS)})")
     args = parser.parse_args(argv)
+    unknown = set(args.jobs.split(",")) - set(JOBS)
+    if unknown:
+        parser.error(f"unknown job(s) {', '.join(sorted(unknown))}; expected some of {', '.join(JOBS)}")
+    for name in set(JOBS) - set(args.jobs.split(",")):
+        del JOBS[name]
     args.out.mkdir(parents=True, exist_ok=True)
     session = Session(args.out, args.budget, args.device)
     skip = set(filter(None, args.skip.split(",")))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
     env.setdefault("STNKIT_DATA", str(ROOT / ".data"))
     env.setdefault("MPLBACKEND", "Agg")
+    train_env = dict(env)
     session.say(f"python {sys.version.split()[0]}, budget {args.budget:.0f}s, device {args.device}, data {env['STNKIT_DATA']}")
     probe = "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')"
     if session.run("versions", [sys.executable, "-c", probe], timeout=60, env=env) != 0:
@@ -178,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("pytest_gpu", "pytest_cuda_branches"):
             print(name, (args.out / f"{name}.log").read_text(encoding="utf-8").strip().splitlines()[-1:])
         if code != 0:
-            env["STNKIT_FUSED"] = "0"
+            train_env["STNKIT_FUSED"] = "0"
             session.say("GPU tests failed: training runs with STNKIT_FUSED=0 (grid + grid_sample)")
     if "bench" not in skip:
         bench = [sys.executable]
@@ -192,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.out / "runs"
     runs.mkdir(exist_ok=True)
     if "train" not in skip:
-        train(session, runs, env, args.train_limit, reserve=15)
+        train(session, runs, train_env, args.train_limit, reserve=15)
     for table in ("warp_gpu.md", "train_speed_gpu.md"):
         if (args.out / table).exists():
             print((args.out / table).read_text(encoding="utf-8"))
