@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from stnkit.transforms import MatrixTransform
+from stnkit.transforms.base import deferred_value_checks
 
 __all__ = ["CollapseGuard", "GuardEvent", "linear_determinant"]
 
@@ -213,20 +214,35 @@ class CollapseGuard:
         # Constant inputs have nothing to lose; leave them out of the fraction.
         informative = in_std > 1e-6
         blank = (out_std < self.min_std_ratio * in_std) & informative
-        stats = {
-            "blank": float(blank.sum()) / max(int(informative.sum()), 1),
-            "std_ratio": float((out_std[informative] / in_std[informative]).median()) if informative.any() else 1.0,
-            "nonfinite_theta": 0.0,
-            "bad_det": 0.0,
-        }
+        nan = torch.full_like(in_std, float("nan"))
+        # Every statistic stays on the device until one read at the end: on a GPU each
+        # host read waits for the device, and this runs at every training step.
+        values = [
+            blank.sum() / informative.sum().clamp_min(1),
+            torch.where(informative, out_std / in_std.clamp_min(1e-12), nan).nanmedian(),
+        ]
+        is_matrix = False
         if theta is not None:
-            finite = torch.isfinite(theta.detach()).all(dim=1)
-            stats["nonfinite_theta"] = 1.0 - float(finite.float().mean())
-            if isinstance(transform, MatrixTransform) and finite.any():
-                det = linear_determinant(transform, theta.detach()[finite]).abs()
-                bad = ~((det >= self.min_det) & (det <= self.max_det))
-                stats["bad_det"] = float(bad.float().sum()) / theta.shape[0]
-                stats["median_abs_det"] = float(det.median())
+            theta = theta.detach()
+            finite = torch.isfinite(theta).all(dim=1)
+            values.append(1.0 - finite.float().mean())
+            if isinstance(transform, MatrixTransform):
+                is_matrix = True
+                safe = torch.where(finite[:, None], theta, transform.identity(theta.shape[0], device=theta.device, dtype=theta.dtype))
+                with deferred_value_checks():  # `safe` is finite by construction
+                    det = linear_determinant(transform, safe).abs().to(in_std.dtype)
+                bad = ~((det >= self.min_det) & (det <= self.max_det)) & finite
+                values += [bad.float().sum() / theta.shape[0], torch.where(finite, det, nan.new_full(det.shape, float("nan"))).nanmedian()]
+        read = torch.stack([v.float().reshape(()) for v in values]).tolist()
+        std_ratio = read[1]
+        stats = {
+            "blank": read[0],
+            "std_ratio": 1.0 if math.isnan(std_ratio) else std_ratio,
+            "nonfinite_theta": read[2] if theta is not None else 0.0,
+            "bad_det": read[3] if is_matrix else 0.0,
+        }
+        if is_matrix and not math.isnan(read[4]):
+            stats["median_abs_det"] = read[4]
         return stats
 
     def check(self, step: int) -> str | None:

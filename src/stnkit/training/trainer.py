@@ -444,6 +444,9 @@ class Trainer:
                 break
             x, y = self._epoch_data(self.epoch)
             order = torch.randperm(len(x), generator=_generator(config.seed, "shuffle", self.epoch))
+            if self.device.type == "cuda" and x.numel() * x.element_size() <= _EPOCH_ON_DEVICE_BYTES:
+                # One copy per epoch instead of a gather and a copy per step.
+                x, y, order = x.to(self.device), y.to(self.device), order.to(self.device)
             if saved_rng is not None and self.batch_in_epoch > 0:
                 # Mid-epoch resume: the data is regenerated above; from here on the
                 # RNGs must continue where the interrupted run left them.
@@ -520,23 +523,40 @@ class Trainer:
             if collapsed and collapse is None:
                 collapse = "on another rank"
         else:
-            mean_loss = loss.item()
-            correct = int((logits.argmax(dim=1) == y).sum().item())
-        if not math.isfinite(mean_loss):
+            # Read later, with the gradient norm: one host read per step (on a GPU each read
+            # waits for the device). A non-finite loss then only costs a discarded backward.
+            mean_loss, correct = None, (logits.argmax(dim=1) == y).sum()
+            if collapse is not None:
+                mean_loss = loss.item()
+        if mean_loss is not None and not math.isfinite(mean_loss):
             self._skip_nonfinite_step(f"loss is {mean_loss}")
             return
         if collapse is not None:
             self._skip_nonfinite_step(f"transform collapse: {collapse}")
             return
         (loss if self._scaler is None else self._scaler.scale(loss)).backward()
+        norm = None
         if self.config.max_grad_norm is not None:
             if self._scaler is not None:
                 self._scaler.unscale_(self.optimizer)
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-            if not torch.isfinite(norm) and self._scaler is None:  # the scaler skips such steps itself
+        if mean_loss is None:
+            watched = [loss.detach().float(), correct.float()]
+            if norm is not None and self._scaler is None:  # the scaler skips non-finite steps itself
+                watched.append(norm.detach().float())
+            read = torch.stack(watched).tolist()
+            mean_loss, correct = read[0], int(read[1])
+            norm_value = read[2] if len(read) > 2 else 0.0
+            if not math.isfinite(mean_loss):
                 self.optimizer.zero_grad(set_to_none=True)
-                self._skip_nonfinite_step(f"gradient norm is {norm.item()}")
+                self._skip_nonfinite_step(f"loss is {mean_loss}")
                 return
+        else:
+            norm_value = float(norm) if norm is not None and self._scaler is None else 0.0
+        if not math.isfinite(norm_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip_nonfinite_step(f"gradient norm is {norm_value}")
+            return
         if self._scaler is None:
             self.optimizer.step()
         else:
@@ -832,6 +852,10 @@ def evaluate(
     finally:
         model.train(was_training)
     return wrong / len(x)
+
+
+#: Epochs up to this size are moved to a CUDA device whole (distorted MNIST: 0.4 GB at 42x42).
+_EPOCH_ON_DEVICE_BYTES = 2 * 2**30
 
 
 def learning_rate_at(config: TrainConfig, *, epoch: int, step: int, steps_per_epoch: int) -> float:
