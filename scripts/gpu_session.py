@@ -100,7 +100,8 @@ def train(session: Session, runs: Path, env: dict, train_limit: int | None, rese
     # Each job's data generation and evaluation use CPU threads: share the cores out. Left at
     # torch's default (every core per job), five jobs on 16 cores took 20 s an epoch against
     # 2.4 s for one job with 8 threads (H200 machine, 2026-11-26).
-    env = dict(env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // len(JOBS))))
+    env = dict(env)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(JOBS))))  # a caller's choice wins
     limit = ["--train-limit", str(train_limit)] if train_limit else []
     common = ["--device", session.device, "--no-progress", "--checkpoint-every", "100000"]
 
