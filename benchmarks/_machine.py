@@ -1,4 +1,4 @@
-"""What the benchmark scripts record about the machine they ran on."""
+"""What the benchmark scripts record about the machine they ran on, and where they write it."""
 
 from __future__ import annotations
 
@@ -24,3 +24,12 @@ def load_average() -> str:
         return " / ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def write_report(text: str, out: str | None) -> None:
+    """Write a benchmark's markdown report to ``out`` (creating its folder); nothing without ``out``."""
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        print(f"wrote {out}")

@@ -44,7 +44,7 @@ from stnkit.data.digits import load_digit_sample
 from stnkit.models.classifiers import classifier
 from stnkit.sampling.fused import kernel_status
 
-from _machine import cpu_model, load_average  # benchmarks/ is on sys.path when a script runs
+from _machine import cpu_model, load_average, write_report  # benchmarks/ is on sys.path when a script runs
 
 
 class Runner:
@@ -162,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         for runner in runners:
             lines += ["", f"## Profile of one step: {runner.name}", "", "```", profile_step(runner, x, y), "```"]
     text = "\n".join(lines) + "\n"
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        print(f"wrote {args.out}")
+    write_report(text, args.out)
     print(text)
     return 0
 

@@ -50,7 +50,7 @@ import stnkit
 from stnkit import sample
 from stnkit.sampling.fused import kernel_status
 
-from _machine import cpu_model, load_average  # benchmarks/ is on sys.path when a script runs
+from _machine import cpu_model, load_average, write_report  # benchmarks/ is on sys.path when a script runs
 from stnkit.transforms import get_transform
 
 SIZES = [(256, 1, 28, 28), (256, 1, 60, 60), (64, 3, 224, 224), (1, 3, 2048, 2048)]
@@ -333,12 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results, args, header)
     if full is not None:
         text += "\n" + render_full_resolution(full)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-        print(f"wrote {args.out}")
-    else:
+    write_report(text + "\n", args.out)
+    if not args.out:
         print(text)
     return 0
 

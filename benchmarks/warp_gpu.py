@@ -7,8 +7,8 @@ each method warps the same float32 CUDA images by the same maps:
 =====================  ==================================================================
 ``stnkit.warp``        the default path on CUDA: the fused Triton kernels
                        (:mod:`stnkit.sampling.triton_warp`), forward and backward
-``stnkit reference``   stnkit's plain path, ``STNKIT_FUSED=0``: ``transform.grid`` then
-                       ``stnkit.sample`` (``grid_sample`` underneath)
+``stnkit reference``   stnkit's plain path, the one ``STNKIT_FUSED=0`` selects:
+                       ``transform.grid`` then ``stnkit.sample`` (``grid_sample`` underneath)
 ``torch``              ``F.affine_grid`` + ``F.grid_sample`` (affine only)
 =====================  ==================================================================
 
@@ -49,6 +49,8 @@ import stnkit
 from stnkit import sample
 from stnkit.sampling.fused import kernel_status
 from stnkit.transforms import get_transform
+
+from _machine import write_report  # benchmarks/ is on sys.path when a script runs
 
 SIZES = [(256, 1, 28, 28), (256, 1, 60, 60), (64, 3, 224, 224), (1, 3, 2048, 2048)]
 FAMILIES = ["affine", "projective"]
@@ -101,18 +103,10 @@ def methods(family: str, shape: tuple[int, int, int, int], transform) -> dict[st
     """name -> function(x, theta) returning the warped batch."""
     batch, channels, height, width = shape
 
-    def reference(x, t):
-        previous = os.environ.get("STNKIT_FUSED")
-        os.environ["STNKIT_FUSED"] = "0"
-        try:
-            return sample(x, transform.grid(t, (height, width)))
-        finally:
-            if previous is None:
-                os.environ.pop("STNKIT_FUSED", None)
-            else:
-                os.environ["STNKIT_FUSED"] = previous
-
-    out: dict[str, Callable] = {"stnkit.warp": lambda x, t: stnkit.warp(x, t, transform), "stnkit reference": reference}
+    out: dict[str, Callable] = {
+        "stnkit.warp": lambda x, t: stnkit.warp(x, t, transform),
+        "stnkit reference": lambda x, t: sample(x, transform.grid(t, (height, width))),
+    }
     if family == "affine":
         out["torch"] = lambda x, t: F.grid_sample(
             x, F.affine_grid(t.view(-1, 2, 3), [batch, channels, height, width], align_corners=False), align_corners=False
@@ -216,11 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{differences['stnkit.warp']:.1e} |"
         )
     text = "\n".join(lines) + "\n"
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        print(f"wrote {args.out}")
+    write_report(text, args.out)
     print(text)
     return 0
 

@@ -95,6 +95,17 @@ def epoch_seconds(run_dir: Path) -> float | None:
     return None
 
 
+def _wait_until(process: subprocess.Popen, seconds: float) -> bool:
+    """Wait for ``process`` at most ``seconds`` (at least 1); stop it after that. True if it ended by itself."""
+    try:
+        process.wait(timeout=max(seconds, 1))
+        return True
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        process.wait(timeout=20)
+        return False
+
+
 def train(session: Session, runs: Path, env: dict, train_limit: int | None, reserve: float) -> None:
     """Probe every job for two epochs side by side, then train each afresh with the epochs that fit."""
     # Each job's data generation and evaluation use CPU threads: share the cores out. Left at
@@ -122,11 +133,7 @@ def train(session: Session, runs: Path, env: dict, train_limit: int | None, rese
         steps = math.ceil((train_limit or 60000) / BATCH) * PROBE_EPOCHS
         probes[name] = launch(name, probe_dir, ["--epochs", str(MAX_EPOCHS), "--max-steps", str(steps)])
     for name, process in probes.items():
-        try:
-            process.wait(timeout=max(session.left() - reserve, 1))
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            process.wait(timeout=20)
+        _wait_until(process, session.left() - reserve)
         session.say(f"probe {name}: exit {process.returncode}, {epoch_seconds(probe_dir / name)} s/epoch")
 
     finals = {}
@@ -141,11 +148,7 @@ def train(session: Session, runs: Path, env: dict, train_limit: int | None, rese
         session.say(f"{name}: {per_epoch:.2f} s/epoch -> {epochs} epochs")
         finals[name] = launch(name, runs, ["--epochs", str(epochs)])
     for name, process in finals.items():
-        try:
-            process.wait(timeout=max(session.left() - reserve, 1))
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            process.wait(timeout=20)
+        if not _wait_until(process, session.left() - reserve):
             session.say(f"{name}: stopped at the deadline; its last checkpoint is mid-schedule")
         session.say(f"final {name}: exit {process.returncode}")
 
