@@ -7,7 +7,8 @@ prepared script rather than a series of commands:
    if the Triton kernels fail them, training (not the benchmarks, which report
    the default path) falls back to ``STNKIT_FUSED=0``;
 2. ``benchmarks/warp_gpu.py`` and ``benchmarks/train_speed.py --device cuda``;
-3. the distorted-MNIST training runs of :data:`JOBS`, side by side on the one GPU.
+3. the distorted-MNIST training runs of :data:`JOBS`, side by side on the one GPU,
+   each warping its training epochs on the GPU (on the CPU if that fails its test).
    Each first trains two epochs in a probe folder (``--max-steps``) to measure its
    own epoch time with all jobs running, then trains afresh with as many epochs
    of a single cosine schedule as fit before ``--budget`` runs out.
@@ -106,7 +107,7 @@ def _wait_until(process: subprocess.Popen, seconds: float) -> bool:
         return False
 
 
-def train(session: Session, runs: Path, env: dict, train_limit: int | None, reserve: float) -> None:
+def train(session: Session, runs: Path, env: dict, train_limit: int | None, reserve: float, flags: list[str]) -> None:
     """Probe every job for two epochs side by side, then train each afresh with the epochs that fit."""
     # Each job's data generation and evaluation use CPU threads: share the cores out. Left at
     # torch's default (every core per job), five jobs on 16 cores took 20 s an epoch against
@@ -114,7 +115,7 @@ def train(session: Session, runs: Path, env: dict, train_limit: int | None, rese
     env = dict(env)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(JOBS))))  # a caller's choice wins
     limit = ["--train-limit", str(train_limit)] if train_limit else []
-    common = ["--device", session.device, "--no-progress", "--checkpoint-every", "100000"]
+    common = ["--device", session.device, "--no-progress", "--checkpoint-every", "100000", *flags]
 
     def launch(name: str, folder: Path, extra: list[str]) -> subprocess.Popen:
         task, model, transform, flags = JOBS[name]
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("STNKIT_DATA", str(ROOT / ".data"))
     env.setdefault("MPLBACKEND", "Agg")
     train_env = dict(env)
+    train_flags: list[str] = []
     session.say(f"python {sys.version.split()[0]}, budget {args.budget:.0f}s, device {args.device}, data {env['STNKIT_DATA']}")
     probe = "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')"
     if session.run("versions", [sys.executable, "-c", probe], timeout=60, env=env) != 0:
@@ -196,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             train_env["STNKIT_FUSED"] = "0"
             session.say("GPU tests failed: training runs with STNKIT_FUSED=0 (grid + grid_sample)")
+        distort_test = [*pytest, "-m", "gpu", "tests/test_data_distortions.py"]
+        if session.run("pytest_gpu_distortions", distort_test, timeout=60, env=env) != 0:
+            train_flags.extend(["--data-device", "cpu"])
+            session.say("CUDA distortions failed their test: training epochs are warped on the CPU")
     if "bench" not in skip:
         bench = [sys.executable]
         session.run("warp_gpu", [*bench, "benchmarks/warp_gpu.py", "--device", args.device, "--out", str(args.out / "warp_gpu.md")], 120, env)
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.out / "runs"
     runs.mkdir(exist_ok=True)
     if "train" not in skip:
-        train(session, runs, train_env, args.train_limit, reserve=15)
+        train(session, runs, train_env, args.train_limit, reserve=15, flags=train_flags)
     for table in ("warp_gpu.md", "train_speed_gpu.md"):
         if (args.out / table).exists():
             print((args.out / table).read_text(encoding="utf-8"))

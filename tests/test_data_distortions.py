@@ -273,3 +273,25 @@ def test_a_full_epoch_distorts_in_seconds():
         start = time.perf_counter()
         distort(images, task, 0)
         assert time.perf_counter() - start < 10, task
+
+
+@pytest.mark.parametrize("task", ["rotated", "rts", "projective", "elastic"])
+def test_a_device_changes_where_the_warp_runs_not_what_it_draws(task, digits):
+    images = digits[0][:16]
+    on_host = distort(images, task, rng_seed=5)
+    assert torch.equal(distort(images, task, rng_seed=5, device="cpu"), on_host)
+    data = DistortedMNIST(task, "train", images=images, labels=digits[1][:16])
+    x, y = data.epoch(2, device="cpu")
+    assert torch.equal(x, data.epoch(2)[0]) and y.dtype == torch.int64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("task", ["rotated", "rts", "projective", "elastic"])
+def test_a_cuda_epoch_matches_the_cpu_epoch(task, digits):
+    data = DistortedMNIST(task, "train", images=digits[0][:256], labels=digits[1][:256])
+    x, y = data.epoch(1, device="cuda")
+    assert x.is_cuda and y.is_cuda
+    torch.testing.assert_close(x.cpu(), data.epoch(1)[0], atol=1e-4, rtol=0)
+    test = DistortedMNIST(task, "test", images=digits[0][:64], labels=digits[1][:64])
+    assert torch.equal(test.epoch(0, device="cuda")[0].cpu(), test.epoch(0)[0])

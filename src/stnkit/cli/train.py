@@ -11,7 +11,7 @@ import torch
 from ..models.checkpoint import load_checkpoint, load_model
 from ..models.classifiers import MODEL_NAMES, classifier, count_parameters
 from ..models.invariance_models import INVARIANCE_VARIANTS, invariance_model
-from ..training.trainer import LAST_CHECKPOINT, TrainConfig, Trainer
+from ..training.trainer import LAST_CHECKPOINT, TrainConfig, Trainer, resolve_device
 from ._options import data_options, limit, run_info, task_splits
 from .main import CLIError
 
@@ -46,6 +46,10 @@ from .main import CLIError
 @click.option("--eval-every", type=int, default=0, help="Steps between test evaluations (0: epoch ends).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps in total (resume continues).")
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:N or auto.")
+@click.option(
+    "--data-device", type=click.Choice(["train", "cpu"]), default="train", show_default=True,
+    help="Where each epoch's distortions are warped: on the training device, or on the CPU (the test set always is).",
+)
 @click.option("--init", "init_from", default=None, help="Start from the weights of this checkpoint (path or shipped name), with a new schedule.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
@@ -56,7 +60,7 @@ from .main import CLIError
 def command(
     task, data_root, digit_sample, model_name, layer, transform, out_dir, epochs, batch_size, optimizer, lr, momentum,
     weight_decay, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, train_limit, test_limit,
-    checkpoint_every, eval_every, max_steps, device, init_from, resume, overwrite, progress, amp, tensorboard,
+    checkpoint_every, eval_every, max_steps, device, data_device, init_from, resume, overwrite, progress, amp, tensorboard,
 ):
     """Train a classifier (FCN, CNN, ST-FCN, ST-CNN) on a distorted-MNIST task."""
     out = Path(out_dir)
@@ -73,8 +77,12 @@ def command(
     train, test = task_splits(task, data_root, digit_sample, seed=seed, test_seed=test_seed)
     test_data = limit(*test.epoch(0), test_limit)
 
+    # On a GPU, warping 60,000 digits each epoch on the host would take longer than training on them.
+    warp_device = resolve_device(device)
+    warp_device = warp_device if warp_device.type == "cuda" and data_device == "train" else None
+
     def epoch_data(epoch: int):
-        return limit(*train.epoch(epoch), train_limit)
+        return limit(*train.epoch(epoch, device=warp_device), train_limit)
 
     overrides = {"progress": progress, "device": device, "max_steps": max_steps, "amp": amp, "tensorboard": tensorboard}
     if epochs is not None:

@@ -316,6 +316,7 @@ def distort(
     rng_seed: SeedLike,
     *,
     return_params: bool = False,
+    device: str | torch.device | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, np.ndarray]]:
     """Distort MNIST digits as in Appendix A.1 of Jaderberg et al. (2015).
 
@@ -334,6 +335,12 @@ def distort(
     return_params : bool
         Also return the parameters drawn for each image (angles in degrees,
         scales, offsets in pixels; keys depend on the task).
+    device : str or torch.device, optional
+        Warp on this device (default: the CPU) and return the images there.
+        The random parameters are always drawn on the CPU from ``rng_seed``, so a
+        device changes the output only by float rounding; on a GPU it spares a
+        training run the CPU warp of every epoch. Test sets are best made on the
+        CPU, so that every machine scores the same images.
 
     Returns
     -------
@@ -366,8 +373,10 @@ def distort(
         return (out, params) if return_params else out
 
     theta, transform, params = _GENERATORS[spec.name](rng, images)
-    out = torch.empty(n, 1, spec.size, spec.size)
-    source = torch.from_numpy(images).unsqueeze(1)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    out = torch.empty(n, 1, spec.size, spec.size, device=device)
+    source = torch.from_numpy(images).unsqueeze(1).to(device)
+    theta = theta.to(device)
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)
         batch = source[start:stop].float().div_(255.0)
@@ -456,8 +465,16 @@ class DistortedMNIST:
             return np.random.SeedSequence([self.seed, 1])
         return np.random.SeedSequence([self.seed + epoch_index, 0])
 
-    def epoch(self, epoch_index: int = 0) -> tuple[Tensor, Tensor]:
+    def epoch(self, epoch_index: int = 0, device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
         """The distorted images and labels of one epoch.
+
+        Parameters
+        ----------
+        epoch_index : int
+            The epoch, ``>= 0`` (ignored by the test split, which is fixed).
+        device : str or torch.device, optional
+            Warp the training split on this device (see :func:`distort`). The test
+            split is always made on the CPU, then moved, so it is the same everywhere.
 
         Returns
         -------
@@ -475,8 +492,11 @@ class DistortedMNIST:
         if self.split == "test":
             if self._fixed is None:
                 self._fixed = distort(self.images, self.spec, seed)
-            return self._fixed, self.labels
-        return distort(self.images, self.spec, seed), self.labels
+            if device is None:
+                return self._fixed, self.labels
+            return self._fixed.to(device), self.labels.to(device)
+        x = distort(self.images, self.spec, seed, device=device)
+        return x, self.labels.to(x.device)
 
     def __repr__(self) -> str:
         return f"DistortedMNIST(task={self.task!r}, split={self.split!r}, seed={self.seed}, n={len(self)})"
