@@ -78,6 +78,7 @@ def command(
     test_data = limit(*test.epoch(0), test_limit)
 
     # On a GPU, warping 60,000 digits each epoch on the host would take longer than training on them.
+    # A bare "cuda" means the current device, which the Trainer sets to this rank's GPU under torchrun.
     warp_device = resolve_device(device)
     warp_device = warp_device if warp_device.type == "cuda" and data_device == "train" else None
 
