@@ -51,6 +51,23 @@ def test_every_model_builds_and_round_trips(tmp_path, name, transform):
     assert count_parameters(model) > 0
 
 
+@pytest.mark.parametrize("name", ["cnn", "st-fcn"])
+def test_dropout_adds_no_parameters_and_round_trips(tmp_path, name):
+    plain, dropped = classifier(name, "affine", (28, 28)), classifier(name, "affine", (28, 28), dropout=0.5)
+    assert count_parameters(dropped) == count_parameters(plain)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in plain.modules())  # the paper's models keep their layers
+    dropped.eval()
+    x = torch.rand(4, 1, 28, 28)
+    again = load_model(stnkit.models.save_checkpoint(tmp_path / "d.safetensors", dropped))
+    assert again.stnkit_config["dropout"] == 0.5
+    torch.testing.assert_close(again(x), dropped(x))
+    dropped.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(dropped(x), again(x))  # active in training mode only
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        classifier(name, "affine", (28, 28), dropout=1.0)
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     code = main(args)
     captured = capsys.readouterr()

@@ -34,6 +34,7 @@ from .main import CLIError
 @click.option("--lr", type=float, default=0.01, help="Base learning rate.")
 @click.option("--momentum", type=float, default=0.9)
 @click.option("--weight-decay", type=float, default=0.0)
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout before the classifier's last layer (FCN/CNN models; 0: none, as in the paper).")
 @click.option("--loc-lr-scale", type=float, default=0.1, help="Learning-rate factor of the localisation net.")
 @click.option("--schedule", type=click.Choice(["step", "cosine"]), default="cosine", help="Learning-rate schedule.")
 @click.option("--lr-steps", default="", help="Comma-separated epochs at which the step schedule divides the lr by 10.")
@@ -59,7 +60,7 @@ from .main import CLIError
 @click.option("--tensorboard", is_flag=True, help="Also write the metrics to OUT/tb for TensorBoard.")
 def command(
     task, data_root, digit_sample, model_name, layer, transform, out_dir, epochs, batch_size, optimizer, lr, momentum,
-    weight_decay, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, train_limit, test_limit,
+    weight_decay, dropout, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, train_limit, test_limit,
     checkpoint_every, eval_every, max_steps, device, data_device, init_from, resume, overwrite, progress, amp, tensorboard,
 ):
     """Train a classifier (FCN, CNN, ST-FCN, ST-CNN) on a distorted-MNIST task."""
@@ -111,7 +112,8 @@ def command(
         elif model_name in INVARIANCE_VARIANTS:
             model = invariance_model(model_name, transform, (train.size, train.size), layer=layer)
         else:
-            model = classifier(model_name, transform, (train.size, train.size))
+            options = {"dropout": dropout} if dropout else {}  # configs without it stay as before
+            model = classifier(model_name, transform, (train.size, train.size), **options)
         info = run_info(task, data_root, digit_sample, test_seed)
         info.update(train_limit=train_limit, test_limit=test_limit, init=init_from)
         has_transformer = model_name.startswith(("st-", "stn-"))

@@ -47,15 +47,26 @@ __all__ = [
 MODEL_NAMES = ("fcn", "cnn", "st-fcn", "st-cnn")
 
 
-def fcn_backbone(in_channels: int, in_size: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 128)) -> nn.Sequential:
-    """The fully-connected baseline: ``Flatten - (Linear - ReLU) x len(hidden) - Linear``."""
+def _dropout_layers(dropout: float) -> list[nn.Module]:
+    """``[nn.Dropout(dropout)]``, or no layer at 0 (so models without dropout keep their layer indices)."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    return [nn.Dropout(dropout)] if dropout > 0 else []
+
+
+def fcn_backbone(
+    in_channels: int, in_size: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 128), dropout: float = 0.0
+) -> nn.Sequential:
+    """The fully-connected baseline: ``Flatten - (Linear - ReLU) x len(hidden) - [Dropout] - Linear``."""
     height, width = check_size(in_size, "in_size")
     layers, features = mlp_layers(in_channels * height * width, hidden)
-    return nn.Sequential(nn.Flatten(), *layers, nn.Linear(features, num_classes))
+    return nn.Sequential(nn.Flatten(), *layers, *_dropout_layers(dropout), nn.Linear(features, num_classes))
 
 
-def cnn_backbone(in_channels: int, in_size: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 32)) -> nn.Sequential:
-    """The convolutional baseline: ``conv9x9 - pool - conv7x7 - pool - Linear`` (ReLU after each conv).
+def cnn_backbone(
+    in_channels: int, in_size: Sequence[int], num_classes: int, channels: Sequence[int] = (32, 32), dropout: float = 0.0
+) -> nn.Sequential:
+    """The convolutional baseline: ``conv9x9 - pool - conv7x7 - pool - [Dropout] - Linear`` (ReLU after each conv).
 
     The first convolution is an :class:`~stnkit.modules.InputGradConv2d`: an
     ``nn.Conv2d`` whose input gradient (needed behind a transformer) is fast on the CPU.
@@ -75,7 +86,7 @@ def cnn_backbone(in_channels: int, in_size: Sequence[int], num_classes: int, cha
             feature_dim = features(torch.zeros(1, in_channels, height, width)).shape[1]
     except RuntimeError:
         raise ValueError(f"in_size {(height, width)} is too small for the CNN (needs at least 24x24)") from None
-    return nn.Sequential(*features, nn.Linear(feature_dim, num_classes))
+    return nn.Sequential(*features, *_dropout_layers(dropout), nn.Linear(feature_dim, num_classes))
 
 
 class STClassifier(nn.Module):
@@ -117,6 +128,7 @@ def build_classifier(
     max_translation: float = 1.0,
     max_linear: float = 1.0,
     iterations: int = 1,
+    dropout: float = 0.0,
 ) -> STClassifier:
     """Build one of the ST paper's distorted-MNIST models.
 
@@ -139,6 +151,9 @@ def build_classifier(
         (``max_translation``, ``max_linear``; see :func:`stnkit.localisation.default_bounds`).
     iterations : int
         Refinement rounds of the transformer (1 = the classic STN).
+    dropout : float
+        Dropout before the classifier's last linear layer, in ``[0, 1)``; 0 (the
+        paper's models) adds no layer. It adds no parameters.
 
     Returns
     -------
@@ -156,9 +171,9 @@ def build_classifier(
     out_size = in_size if st_out_size is None else check_size(st_out_size, "st_out_size")
     fully_connected = model.endswith("fcn")
     if fully_connected:
-        classifier = fcn_backbone(in_channels, out_size, num_classes)
+        classifier = fcn_backbone(in_channels, out_size, num_classes, dropout=dropout)
     else:
-        classifier = cnn_backbone(in_channels, out_size, num_classes)
+        classifier = cnn_backbone(in_channels, out_size, num_classes, dropout=dropout)
     transformer = None
     if model.startswith("st-"):
         if transform is None:
