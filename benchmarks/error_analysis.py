@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from stnkit.data.datasets import load_mnist
 from stnkit.data.distortions import DistortedMNIST, distort, get_task
 from stnkit.models.checkpoint import load_model
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by a test
 from _machine import cpu_model, write_report  # noqa: E402
 
 # task -> (what measures a digit's distortion, how to get it from the generator's params)
@@ -50,10 +51,14 @@ def analyse(task: str, checkpoint: str, seeds: list[int], root: str | None) -> s
     model = load_model(checkpoint).eval()
     images, labels = load_mnist("test", root)
     lines = [f"### {task}: `{checkpoint}`", ""]
-    errors = []
+    errors, first = [], None
     for seed in seeds:
-        x, y = DistortedMNIST(task, "test", seed=seed, images=images, labels=labels).epoch(0)
-        errors.append(100 * float((predict(model, x) != y.numpy()).mean()))
+        test_set = DistortedMNIST(task, "test", seed=seed, images=images, labels=labels)
+        # distort() itself, with the test split's seed, to get each digit's parameters too.
+        x, params = distort(images, task, test_set.epoch_seed(0), return_params=True)
+        wrong = predict(model, x) != labels
+        errors.append(100 * float(wrong.mean()))
+        first = first or (wrong, params)
     clean = torch.from_numpy(images).float().div(255).unsqueeze(1)
     pad = (get_task(task).size - 28) // 2
     clean = F.pad(clean, (pad, pad, pad, pad))
@@ -67,9 +72,7 @@ def analyse(task: str, checkpoint: str, seeds: list[int], root: str | None) -> s
     ]
     if task in STRENGTH:
         name, strength_of = STRENGTH[task]
-        first = DistortedMNIST(task, "test", seed=seeds[0], images=images, labels=labels)
-        x, params = distort(images, task, first.epoch_seed(0), return_params=True)  # the same images, with their parameters
-        wrong = predict(model, x) != labels
+        wrong, params = first
         strength = strength_of(params)
         quartile = np.searchsorted(np.quantile(strength, [0.25, 0.5, 0.75]), strength, side="right")
         lines += [f"Seed {seeds[0]}, by quartile of distortion strength:", "", f"| {name} | digits | errors | error % |", "|---|---:|---:|---:|"]

@@ -146,3 +146,9 @@ def test_table1_cells_and_table(tmp_path, capsys):
     table = (tmp_path / "t.md").read_text()
     assert "| ST-CNN affine | 1.23 | 0.5 |" in table and "2 ep" in table
     assert PAPER_TABLE1[("st-cnn", "tps")]["E"] == 1.1
+
+
+def test_cli_dropout_with_init_is_refused(tmp_path, capsys):
+    code, _, err = run_cli(["train", "--task", "rts", "--digit-sample", "--init", "mnist-rts", "--dropout", "0.25",
+                            "--out", str(tmp_path / "run"), "--epochs", "1"], capsys)  # fmt: skip
+    assert code != 0 and "--dropout applies to a new" in err and not (tmp_path / "run").exists()

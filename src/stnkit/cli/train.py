@@ -102,6 +102,8 @@ def command(
             **overrides,
         )
         torch.manual_seed(seed)
+        if dropout and (init_from is not None or model_name in INVARIANCE_VARIANTS):
+            raise CLIError("--dropout applies to a new fcn, cnn, st-fcn or st-cnn model, not to --init or the invariance variants")
         if init_from is not None:
             model = load_model(init_from)
             model.train()
@@ -112,8 +114,7 @@ def command(
         elif model_name in INVARIANCE_VARIANTS:
             model = invariance_model(model_name, transform, (train.size, train.size), layer=layer)
         else:
-            options = {"dropout": dropout} if dropout else {}  # configs without it stay as before
-            model = classifier(model_name, transform, (train.size, train.size), **options)
+            model = classifier(model_name, transform, (train.size, train.size), dropout=dropout)
         info = run_info(task, data_root, digit_sample, test_seed)
         info.update(train_limit=train_limit, test_limit=test_limit, init=init_from)
         has_transformer = model_name.startswith(("st-", "stn-"))
