@@ -51,6 +51,7 @@ JOBS: dict[str, tuple[str, str, str, list[str]]] = {
     "elastic-tps": ("elastic", "st-cnn", "tps", []),
     "rts-affine-drop": ("rts", "st-cnn", "affine", ["--dropout", "0.25"]),
     "rts-affine-drop-wd": ("rts", "st-cnn", "affine", ["--dropout", "0.25", "--weight-decay", "1e-4"]),
+    "rotated-affine-drop-wd3": ("rotated", "st-cnn", "affine", ["--dropout", "0.25", "--weight-decay", "3e-4"]),
     "projective-projective-drop": ("projective", "st-cnn", "projective", ["--dropout", "0.25"]),
 }
 PROBE_EPOCHS = 2
