@@ -7,7 +7,8 @@ prepared script rather than a series of commands:
    if the Triton kernels fail them, training (not the benchmarks, which report
    the default path) falls back to ``STNKIT_FUSED=0``;
 2. ``benchmarks/warp_gpu.py`` and ``benchmarks/train_speed.py --device cuda``;
-3. the distorted-MNIST training runs of :data:`JOBS`, side by side on the one GPU,
+3. the distorted-MNIST training runs named by ``--jobs`` (default :data:`DEFAULT_JOBS`,
+   one per cell; :data:`JOBS` has them all), side by side on the one GPU,
    each warping its training epochs on the GPU (on the CPU if that fails its test).
    Each first trains two epochs in a probe folder (``--max-steps``) to measure its
    own epoch time with all jobs running, then trains afresh with as many epochs
