@@ -152,3 +152,22 @@ def test_cli_dropout_with_init_is_refused(tmp_path, capsys):
     code, _, err = run_cli(["train", "--task", "rts", "--digit-sample", "--init", "mnist-rts", "--dropout", "0.25",
                             "--out", str(tmp_path / "run"), "--epochs", "1"], capsys)  # fmt: skip
     assert code != 0 and "--dropout applies to a new" in err and not (tmp_path / "run").exists()
+
+
+def test_cli_iterations_sets_and_overrides_the_refinement_rounds(tmp_path, capsys):
+    common = ["--task", "rts", "--digit-sample", "--epochs", "1", "--train-limit", "128", "--test-limit", "64", "--no-progress"]
+    code, _, err = run_cli(["train", *common, "--iterations", "2", "--out", str(tmp_path / "new")], capsys)
+    assert code == 0, err
+    assert load_model(tmp_path / "new" / "checkpoints" / "last.safetensors").transformer.iterations == 2
+    # With --init the weights are kept and only the number of rounds changes; the checkpoint must reload that way.
+    code, _, err = run_cli(["train", *common, "--init", "mnist-rts", "--iterations", "3", "--out", str(tmp_path / "ft")], capsys)
+    assert code == 0, err
+    tuned = load_model(tmp_path / "ft" / "checkpoints" / "last.safetensors")
+    assert tuned.transformer.iterations == 3 and tuned.stnkit_config["iterations"] == 3
+    assert count_parameters(tuned) == count_parameters(stnkit.pretrained("mnist-rts"))
+
+
+def test_cli_iterations_without_a_transformer_is_refused(tmp_path, capsys):
+    code, _, err = run_cli(["train", "--task", "rts", "--digit-sample", "--model", "cnn", "--iterations", "2",
+                            "--out", str(tmp_path / "run"), "--epochs", "1"], capsys)  # fmt: skip
+    assert code != 0 and "--iterations applies to st-fcn and st-cnn" in err and not (tmp_path / "run").exists()

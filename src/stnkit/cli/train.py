@@ -35,6 +35,11 @@ from .main import CLIError
 @click.option("--momentum", type=float, default=0.9)
 @click.option("--weight-decay", type=float, default=0.0)
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout before the classifier's last layer (FCN/CNN models; 0: none, as in the paper).")
+@click.option(
+    "--iterations", type=click.IntRange(min=1), default=None,
+    help="Refinement rounds of the transformer: the localisation net re-reads the warped input and the updates "
+    "compose (same parameters) [default: 1, as in the paper; with --init, the checkpoint's].",
+)
 @click.option("--loc-lr-scale", type=float, default=0.1, help="Learning-rate factor of the localisation net.")
 @click.option("--schedule", type=click.Choice(["step", "cosine"]), default="cosine", help="Learning-rate schedule.")
 @click.option("--lr-steps", default="", help="Comma-separated epochs at which the step schedule divides the lr by 10.")
@@ -60,7 +65,7 @@ from .main import CLIError
 @click.option("--tensorboard", is_flag=True, help="Also write the metrics to OUT/tb for TensorBoard.")
 def command(
     task, data_root, digit_sample, model_name, layer, transform, out_dir, epochs, batch_size, optimizer, lr, momentum,
-    weight_decay, dropout, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, train_limit, test_limit,
+    weight_decay, dropout, iterations, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, train_limit, test_limit,
     checkpoint_every, eval_every, max_steps, device, data_device, init_from, resume, overwrite, progress, amp, tensorboard,
 ):
     """Train a classifier (FCN, CNN, ST-FCN, ST-CNN) on a distorted-MNIST task."""
@@ -104,6 +109,8 @@ def command(
         torch.manual_seed(seed)
         if dropout and (init_from is not None or model_name in INVARIANCE_VARIANTS):
             raise CLIError("--dropout applies to a new fcn, cnn, st-fcn or st-cnn model, not to --init or the invariance variants")
+        if iterations is not None and not model_name.startswith("st-") and init_from is None:
+            raise CLIError(f"--iterations applies to st-fcn and st-cnn models, not to {model_name!r}")
         if init_from is not None:
             model = load_model(init_from)
             model.train()
@@ -111,10 +118,17 @@ def command(
                 raise CLIError(f"--init {init_from}: not a classifier checkpoint")
             model_name = model.stnkit_config.get("model", model_name)
             transform = model.stnkit_config.get("transform", transform)
+            if iterations is not None:
+                if model.stnkit_config.get("kind") != "classifier" or model.transformer is None:
+                    raise CLIError(f"--iterations: {init_from} is not an st-fcn or st-cnn checkpoint")
+                # Same parameters, more rounds: the config must say so, or the checkpoint would reload with the old count.
+                model.transformer.iterations = iterations
+                model.stnkit_config["iterations"] = iterations
         elif model_name in INVARIANCE_VARIANTS:
             model = invariance_model(model_name, transform, (train.size, train.size), layer=layer)
         else:
-            model = classifier(model_name, transform, (train.size, train.size), dropout=dropout)
+            options = {} if iterations is None else {"iterations": iterations}
+            model = classifier(model_name, transform, (train.size, train.size), dropout=dropout, **options)
         info = run_info(task, data_root, digit_sample, test_seed)
         info.update(train_limit=train_limit, test_limit=test_limit, init=init_from)
         has_transformer = model_name.startswith(("st-", "stn-"))
