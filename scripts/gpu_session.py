@@ -114,13 +114,15 @@ def _wait_until(process: subprocess.Popen, seconds: float) -> bool:
         return False
 
 
-def train(session: Session, runs: Path, env: dict, train_limit: int | None, reserve: float, flags: list[str]) -> None:
-    """Probe every job for two epochs side by side, then train each afresh with the epochs that fit."""
+def train(
+    session: Session, runs: Path, env: dict, jobs: list[str], train_limit: int | None, reserve: float, flags: list[str]
+) -> None:
+    """Probe the ``jobs`` (names in :data:`JOBS`) for two epochs side by side, then train each afresh with the epochs that fit."""
     # Each job's data generation and evaluation use CPU threads: share the cores out. Left at
     # torch's default (every core per job), five jobs on 16 cores took 20 s an epoch against
     # 2.4 s for one job with 8 threads (H200 machine, 2026-11-26).
     env = dict(env)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(JOBS))))  # a caller's choice wins
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(jobs))))  # a caller's choice wins
     limit = ["--train-limit", str(train_limit)] if train_limit else []
     common = ["--device", session.device, "--no-progress", "--checkpoint-every", "100000", *flags]
 
@@ -137,7 +139,7 @@ def train(session: Session, runs: Path, env: dict, train_limit: int | None, rese
     probe_dir = runs.parent / "probe"
     probe_dir.mkdir(exist_ok=True)
     probes = {}
-    for name in JOBS:
+    for name in jobs:
         steps = math.ceil((train_limit or 60000) / BATCH) * PROBE_EPOCHS
         probes[name] = launch(name, probe_dir, ["--epochs", str(MAX_EPOCHS), "--max-steps", str(steps)])
     for name, process in probes.items():
@@ -145,7 +147,7 @@ def train(session: Session, runs: Path, env: dict, train_limit: int | None, rese
         session.say(f"probe {name}: exit {process.returncode}, {epoch_seconds(probe_dir / name)} s/epoch")
 
     finals = {}
-    for name in JOBS:
+    for name in jobs:
         per_epoch = epoch_seconds(probe_dir / name)
         if per_epoch is None:
             session.say(f"skip {name}: its probe did not finish two epochs (see probe/{name}.log)")
@@ -171,11 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: tests,bench,train")
     parser.add_argument("--jobs", default=",".join(DEFAULT_JOBS), help=f"comma-separated training jobs, some of {', '.join(JOBS)} (default: {', '.join(DEFAULT_JOBS)})")
     args = parser.parse_args(argv)
-    unknown = set(args.jobs.split(",")) - set(JOBS)
-    if unknown:
-        parser.error(f"unknown job(s) {', '.join(sorted(unknown))}; expected some of {', '.join(JOBS)}")
-    for name in set(JOBS) - set(args.jobs.split(",")):
-        del JOBS[name]
+    jobs = list(dict.fromkeys(filter(None, args.jobs.split(","))))
+    unknown = set(jobs) - set(JOBS)
+    if unknown or not jobs:
+        named = f"unknown job(s) {', '.join(sorted(unknown))}" if unknown else "no job named"
+        parser.error(f"--jobs: {named}; expected some of {', '.join(JOBS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     session = Session(args.out, args.budget, args.device)
     skip = set(filter(None, args.skip.split(",")))
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.out / "runs"
     runs.mkdir(exist_ok=True)
     if "train" not in skip:
-        train(session, runs, train_env, args.train_limit, reserve=15, flags=train_flags)
+        train(session, runs, train_env, jobs, args.train_limit, reserve=15, flags=train_flags)
     for table in ("warp_gpu.md", "train_speed_gpu.md"):
         if (args.out / table).exists():
             print((args.out / table).read_text(encoding="utf-8"))
