@@ -4,7 +4,8 @@ For each checkpoint: its test error on the task's test sets (seeds 0, 1, 2 by
 default), its error on the same 10,000 test digits undistorted (28x28, or centred
 on the task's canvas), and its error on test seed 0 split by how strong the
 distortion was (in quartiles of the rotation angle for R and RTS, largest corner offset for P,
-largest control-point offset for E). When the undistorted error is close to the
+largest control-point offset for E), and for P also by how much of the digit's ink
+the warp keeps inside the frame. When the undistorted error is close to the
 distorted one, the transformer has done its job and what is left is the
 classifier's.
 
@@ -40,6 +41,27 @@ STRENGTH = {
     "projective": ("largest corner offset, px", lambda p: np.abs(p["corner_offsets_px"]).reshape(len(p["scale"]), -1).max(1)),
     "elastic": ("largest control-point offset, px", lambda p: np.abs(p["control_offsets_px"]).reshape(len(p["scale"]), -1).max(1)),
 }
+
+
+def projective_ink_kept(images: np.ndarray, params: dict) -> np.ndarray:
+    """Fraction of each digit's ink that a P warp keeps inside the 28x28 output.
+
+    The backward map samples the input inside the quadrilateral ``(square + offsets) / scale``
+    (normalised units, corners clockwise on screen from top-left); ink outside it is cut off.
+    Pixel centres stand for pixels, so this is exact up to the one-pixel reach of bilinear sampling.
+    """
+    px = 2.0 / 28
+    square = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+    quads = (square + params["corner_offsets_px"] * px) / params["scale"][:, None, None]  # (N, 4, 2)
+    centres = (np.arange(28) + 0.5) * px - 1.0
+    points = np.stack(np.meshgrid(centres, centres, indexing="xy"), -1).reshape(-1, 2)  # (784, 2) as (x, y)
+    inside = np.ones((len(quads), len(points)), dtype=bool)
+    for k in range(4):  # a convex quad, clockwise on screen (y down): every edge has the point on its right
+        start, end = quads[:, k], quads[:, (k + 1) % 4]
+        edge, to_point = end - start, points[None] - start[:, None]
+        inside &= edge[:, None, 0] * to_point[..., 1] - edge[:, None, 1] * to_point[..., 0] >= 0
+    ink = images.reshape(len(images), -1).astype(np.float64)
+    return (ink * inside).sum(1) / np.maximum(ink.sum(1), 1.0)
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -80,6 +102,17 @@ def analyse(task: str, checkpoint: str, seeds: list[int], root: str | None) -> s
             inside = quartile == q
             span = f"{strength[inside].min():.1f}-{strength[inside].max():.1f}"
             lines.append(f"| {span} | {inside.sum()} | {wrong[inside].sum()} | {100 * wrong[inside].mean():.2f} |")
+        lines.append("")
+    if task == "projective":
+        wrong, params = first
+        kept = projective_ink_kept(images, params)
+        bins = [(1.0, 1.01, "all of it"), (0.95, 1.0, "95-100%"), (0.85, 0.95, "85-95%"), (0.0, 0.85, "under 85%")]
+        lines += [f"Seed {seeds[0]}, by how much of the digit's ink the warp keeps in the frame:", "",
+                  "| ink kept | digits | errors | error % |", "|---|---:|---:|---:|"]  # fmt: skip
+        for low, high, label in bins:
+            inside = (kept >= low) & (kept < high)
+            rate = f"{100 * wrong[inside].mean():.2f}" if inside.any() else "-"
+            lines.append(f"| {label} | {inside.sum()} | {wrong[inside].sum()} | {rate} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 import stnkit
 from stnkit.models import classifier
 
@@ -29,3 +32,25 @@ def test_error_analysis_reports_distorted_and_undistorted_error(tmp_path, data_r
     rows = [line for line in report.splitlines() if line.startswith("| ") and line.count("|") == 5 and "-" in line.split("|")[1]]
     assert [int(row.split("|")[2]) for row in rows] == [2500] * 4
     assert rows[0].split("|")[1].strip().startswith("0.0-") and rows[-1].split("|")[1].strip().endswith("-90.0")
+
+
+def test_projective_ink_kept_matches_closed_forms_and_opencv():
+    cv2 = pytest.importorskip("cv2")
+    ink_kept = load_script("error_analysis").projective_ink_kept
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 28, 28)).astype(np.uint8)
+    # No offset at scale 1 keeps everything; every corner pulled 7 px inward keeps the central 14x14 block.
+    inward = np.array([[7.0, 7.0], [-7.0, 7.0], [-7.0, -7.0], [7.0, -7.0]])
+    params = {"scale": np.ones(3), "corner_offsets_px": np.stack([np.zeros((4, 2)), inward, inward])}
+    kept = ink_kept(images, params)
+    centre = images[:, 7:21, 7:21].reshape(3, -1).sum(1) / images.reshape(3, -1).sum(1)
+    np.testing.assert_allclose(kept, [1.0, centre[1], centre[2]])
+    # Random quads: the same inside test as OpenCV's point-in-polygon, pixel by pixel.
+    params = {"scale": rng.uniform(0.75, 1.0, 3), "corner_offsets_px": rng.normal(0.0, 5.0, (3, 4, 2))}
+    quads = (np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]]) + params["corner_offsets_px"] * 2 / 28) / params["scale"][:, None, None]
+    kept = ink_kept(images, params)
+    pixels = (quads + 1.0) * 14.0  # normalised -> pixel units, where pixel (i, j) has its centre at (j + 0.5, i + 0.5)
+    for n in range(3):
+        inside = np.array([[cv2.pointPolygonTest(pixels[n].astype(np.float32), (j + 0.5, i + 0.5), False) >= 0 for j in range(28)] for i in range(28)])
+        expected = (images[n] * inside).sum() / images[n].sum()
+        assert kept[n] == pytest.approx(expected)
