@@ -171,3 +171,14 @@ def test_cli_iterations_without_a_transformer_is_refused(tmp_path, capsys):
     code, _, err = run_cli(["train", "--task", "rts", "--digit-sample", "--model", "cnn", "--iterations", "2",
                             "--out", str(tmp_path / "run"), "--epochs", "1"], capsys)  # fmt: skip
     assert code != 0 and "--iterations applies to st-fcn and st-cnn" in err and not (tmp_path / "run").exists()
+
+
+def test_cli_train_cnn_is_the_st_papers_baseline(tmp_path, capsys):
+    # "cnn" is also the name of Finnveden et al.'s larger CNN; `train --model cnn` must build the ST paper's.
+    code, out, err = run_cli(["train", "--task", "projective", "--digit-sample", "--model", "cnn", "--dropout", "0.25", "--epochs", "1",
+                              "--train-limit", "128", "--test-limit", "64", "--no-progress", "--out", str(tmp_path / "run")], capsys)  # fmt: skip
+    assert code == 0, err
+    expected = classifier("cnn", None, (28, 28), dropout=0.25)
+    assert f"{count_parameters(expected):,} parameters" in out
+    trained = load_model(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert trained.stnkit_config["kind"] == "classifier" and trained.transformer is None
