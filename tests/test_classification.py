@@ -182,3 +182,13 @@ def test_cli_train_cnn_is_the_st_papers_baseline(tmp_path, capsys):
     assert f"{count_parameters(expected):,} parameters" in out
     trained = load_model(tmp_path / "run" / "checkpoints" / "last.safetensors")
     assert trained.stnkit_config["kind"] == "classifier" and trained.transformer is None
+
+
+@pytest.mark.parametrize("option", [["--iterations", "2"], ["--dropout", "0.25"], ["--init", "mnist-rts"]])
+def test_cli_resume_refuses_options_that_would_change_the_model(tmp_path, capsys, option):
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--task", "rts", "--digit-sample", "--epochs", "1", "--train-limit", "64",
+                            "--test-limit", "32", "--no-progress", "--out", str(run)], capsys)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(["train", "--out", str(run), "--resume", *option], capsys)
+    assert code != 0 and "--resume continues the run's own model" in err

@@ -78,6 +78,9 @@ def command(
         last = out / LAST_CHECKPOINT
         if not last.is_file():
             raise CLIError(f"--resume: no checkpoint at {last}")
+        if dropout or iterations is not None or init_from is not None:
+            # The model comes from the run's checkpoint as it was saved; these would be silently ignored.
+            raise CLIError("--resume continues the run's own model; --dropout, --iterations and --init apply to a new run")
         state = load_checkpoint(last).trainer_state or {}
         info = state.get("run_info", {})
         task, data_root, digit_sample, test_seed = info["task"], info["data_root"], info["digit_sample"], info["test_seed"]
