@@ -54,3 +54,13 @@ def test_projective_ink_kept_matches_closed_forms_and_opencv():
         inside = np.array([[cv2.pointPolygonTest(pixels[n].astype(np.float32), (j + 0.5, i + 0.5), False) >= 0 for j in range(28)] for i in range(28)])
         expected = (images[n] * inside).sum() / images[n].sum()
         assert kept[n] == pytest.approx(expected)
+
+
+def test_projective_ink_compares_both_readings_on_the_same_draws(tmp_path, data_root):
+    out = tmp_path / "ink.md"
+    assert load_script("projective_ink").main(["--data", str(data_root), "--out", str(out)]) == 0
+    rows = [line.split("|")[1:-1] for line in out.read_text(encoding="utf-8").splitlines() if line.startswith("| backward") or line.startswith("| forward")]
+    assert len(rows) == 2
+    backward, forward = ([float(cell.strip().rstrip("%")) for cell in row[1:]] for row in rows)
+    assert backward[0] == 0.0  # the generator only keeps draws whose backward quad is usable
+    assert all(0.0 <= share <= 100.0 for share in backward + forward) and forward[0] > 0.0
