@@ -43,6 +43,11 @@ STRENGTH = {
 }
 
 
+#: Image corners in normalised units, clockwise on screen from top-left, and one MNIST pixel in them.
+SQUARE = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+PX = 2.0 / 28
+
+
 def projective_ink_kept(images: np.ndarray, params: dict) -> np.ndarray:
     """Fraction of each digit's ink that a P warp keeps inside the 28x28 output.
 
@@ -50,10 +55,8 @@ def projective_ink_kept(images: np.ndarray, params: dict) -> np.ndarray:
     (normalised units, corners clockwise on screen from top-left); ink outside it is cut off.
     Pixel centres stand for pixels, so this is exact up to the one-pixel reach of bilinear sampling.
     """
-    px = 2.0 / 28
-    square = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
-    quads = (square + params["corner_offsets_px"] * px) / params["scale"][:, None, None]  # (N, 4, 2)
-    centres = (np.arange(28) + 0.5) * px - 1.0
+    quads = (SQUARE + params["corner_offsets_px"] * PX) / params["scale"][:, None, None]  # (N, 4, 2)
+    centres = (np.arange(28) + 0.5) * PX - 1.0
     points = np.stack(np.meshgrid(centres, centres, indexing="xy"), -1).reshape(-1, 2)  # (784, 2) as (x, y)
     inside = np.ones((len(quads), len(points)), dtype=bool)
     for k in range(4):  # a convex quad, clockwise on screen (y down): every edge has the point on its right

@@ -30,10 +30,7 @@ from stnkit.data.distortions import DistortedMNIST, distort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import write_report  # noqa: E402
-from error_analysis import projective_ink_kept  # noqa: E402
-
-SQUARE = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])  # normalised, clockwise on screen
-PX = 2.0 / 28  # one MNIST pixel in normalised units
+from error_analysis import PX, SQUARE, projective_ink_kept  # noqa: E402
 
 
 def forward_reading(params: dict) -> dict:
