@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from stnkit.data.datasets import load_mnist
-from stnkit.data.distortions import DistortedMNIST, distort, get_task
+# _SQUARE and _PX: the P generator's own corner square (normalised, clockwise on screen from
+# top-left) and pixel size, so the draws it returns are read back exactly as it made them.
+from stnkit.data.distortions import _PX as PX, _SQUARE as SQUARE, DistortedMNIST, distort, get_task
 from stnkit.models.checkpoint import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by a test
@@ -41,11 +43,6 @@ STRENGTH = {
     "projective": ("largest corner offset, px", lambda p: np.abs(p["corner_offsets_px"]).reshape(len(p["scale"]), -1).max(1)),
     "elastic": ("largest control-point offset, px", lambda p: np.abs(p["control_offsets_px"]).reshape(len(p["scale"]), -1).max(1)),
 }
-
-
-#: Image corners in normalised units, clockwise on screen from top-left, and one MNIST pixel in them.
-SQUARE = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
-PX = 2.0 / 28
 
 
 def projective_ink_kept(images: np.ndarray, params: dict) -> np.ndarray:
