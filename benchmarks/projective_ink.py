@@ -27,12 +27,13 @@ import cv2
 import numpy as np
 
 from stnkit.data.datasets import load_mnist
+# The P generator's own corner square, pixel size and rule for a usable quad, so its draws are read back as it made them.
+from stnkit.data.distortions import _PX as PX, _SQUARE as SQUARE, _well_shaped as well_shaped
 from stnkit.data.distortions import DistortedMNIST, distort
-from stnkit.data.distortions import _well_shaped as well_shaped  # the generator's own rule for a usable quad
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import write_report  # noqa: E402
-from error_analysis import PX, SQUARE, projective_ink_kept  # noqa: E402
+from error_analysis import projective_ink_kept  # noqa: E402
 
 
 def forward_reading(params: dict) -> dict:
