@@ -33,16 +33,18 @@ def data_options(function: Callable) -> Callable:
     return function
 
 
-def task_splits(task: str, data_root: str | None, digit_sample: bool, seed: int = 0, test_seed: int = 0) -> tuple[DistortedMNIST, DistortedMNIST]:
-    """The train and test splits of a task, from the MNIST files or the shipped sample."""
+def task_splits(
+    task: str, data_root: str | None, digit_sample: bool, seed: int = 0, test_seed: int = 0, jitter_px: float = 0.0
+) -> tuple[DistortedMNIST, DistortedMNIST]:
+    """The train and test splits of a task, from the MNIST files or the shipped sample (jitter: training split only)."""
     get_task(task)
     if digit_sample:
         train_images, train_labels = load_digit_sample("train")
         test_images, test_labels = load_digit_sample("test")
-        train = DistortedMNIST(task, "train", seed=seed, images=train_images, labels=train_labels)
+        train = DistortedMNIST(task, "train", seed=seed, images=train_images, labels=train_labels, jitter_px=jitter_px)
         test = DistortedMNIST(task, "test", seed=test_seed, images=test_images, labels=test_labels)
     else:
-        train = DistortedMNIST(task, "train", root=data_root, seed=seed)
+        train = DistortedMNIST(task, "train", root=data_root, seed=seed, jitter_px=jitter_px)
         test = DistortedMNIST(task, "test", root=data_root, seed=test_seed)
     return train, test
 

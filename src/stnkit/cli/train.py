@@ -44,6 +44,9 @@ STN_VARIANTS = tuple(name for name in INVARIANCE_VARIANTS if name.startswith("st
     help="Refinement rounds of the transformer: the localisation net re-reads the warped input and the updates "
     "compose (same parameters) [default: 1, as in the paper; with --init, the checkpoint's].",
 )
+@click.option("--jitter-px", type=float, default=0.0, show_default=True,
+              help="Training augmentation, not in the paper: bend each training digit by a 4x4 thin-plate spline "
+                   "whose control points move by N(0, PX) pixels, before the task's distortion. Test sets never get it.")
 @click.option("--loc-lr-scale", type=float, default=0.1, help="Learning-rate factor of the localisation net.")
 @click.option("--schedule", type=click.Choice(["step", "cosine"]), default="cosine", help="Learning-rate schedule.")
 @click.option("--lr-steps", default="", help="Comma-separated epochs at which the step schedule divides the lr by 10.")
@@ -69,7 +72,7 @@ STN_VARIANTS = tuple(name for name in INVARIANCE_VARIANTS if name.startswith("st
 @click.option("--tensorboard", is_flag=True, help="Also write the metrics to OUT/tb for TensorBoard.")
 def command(
     task, data_root, digit_sample, model_name, layer, transform, out_dir, epochs, batch_size, optimizer, lr, momentum,
-    weight_decay, dropout, iterations, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, train_limit, test_limit,
+    weight_decay, dropout, iterations, jitter_px, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, train_limit, test_limit,
     checkpoint_every, eval_every, max_steps, device, data_device, init_from, resume, overwrite, progress, amp, tensorboard,
 ):
     """Train a classifier (FCN, CNN, ST-FCN, ST-CNN) on a distorted-MNIST task."""
@@ -78,16 +81,23 @@ def command(
         last = out / LAST_CHECKPOINT
         if not last.is_file():
             raise CLIError(f"--resume: no checkpoint at {last}")
-        if dropout or iterations is not None or init_from is not None:
-            # The model comes from the run's checkpoint as it was saved; these would be silently ignored.
-            raise CLIError("--resume continues the run's own model; --dropout, --iterations and --init apply to a new run")
+        if dropout or iterations is not None or init_from is not None or jitter_px:
+            # The model and data come from the run's checkpoint as it was saved; these would be silently ignored.
+            raise CLIError("--resume continues the run as it was set up; --dropout, --iterations, --init "
+                           "and --jitter-px apply to a new run")
         state = load_checkpoint(last).trainer_state or {}
         info = state.get("run_info", {})
         task, data_root, digit_sample, test_seed = info["task"], info["data_root"], info["digit_sample"], info["test_seed"]
         # The run's own seed drives its distortions: a resumed run must see the same data.
         seed = state.get("train_config", {}).get("seed", seed)
         train_limit, test_limit = info.get("train_limit"), info.get("test_limit")
-    train, test = task_splits(task, data_root, digit_sample, seed=seed, test_seed=test_seed)
+        jitter_px = info.get("jitter_px", 0.0)
+    try:
+        train, test = task_splits(task, data_root, digit_sample, seed=seed, test_seed=test_seed, jitter_px=jitter_px)
+    except ValueError as error:
+        if "jitter_px" not in str(error):
+            raise
+        raise CLIError(f"--jitter-px {jitter_px}: {error}") from None
     test_data = limit(*test.epoch(0), test_limit)
 
     # On a GPU, warping 60,000 digits each epoch on the host would take longer than training on them.
@@ -137,7 +147,7 @@ def command(
             options = {} if iterations is None else {"iterations": iterations}
             model = classifier(model_name, transform, (train.size, train.size), dropout=dropout, **options)
         info = run_info(task, data_root, digit_sample, test_seed)
-        info.update(train_limit=train_limit, test_limit=test_limit, init=init_from)
+        info.update(train_limit=train_limit, test_limit=test_limit, init=init_from, jitter_px=jitter_px)
         has_transformer = model_name.startswith(("st-", "stn-"))
         train_count = len(train) if train_limit is None else min(train_limit, len(train))
         click.echo(f"{model_name} ({transform if has_transformer else 'no transformer'}) on {task}: "
