@@ -184,11 +184,29 @@ def test_cli_train_cnn_is_the_st_papers_baseline(tmp_path, capsys):
     assert trained.stnkit_config["kind"] == "classifier" and trained.transformer is None
 
 
-@pytest.mark.parametrize("option", [["--iterations", "2"], ["--dropout", "0.25"], ["--init", "mnist-rts"]])
+@pytest.mark.parametrize(
+    "option", [["--iterations", "2"], ["--dropout", "0.25"], ["--init", "mnist-rts"], ["--jitter-px", "1"]]
+)
 def test_cli_resume_refuses_options_that_would_change_the_model(tmp_path, capsys, option):
     run = tmp_path / "run"
     code, _, err = run_cli(["train", "--task", "rts", "--digit-sample", "--epochs", "1", "--train-limit", "64",
                             "--test-limit", "32", "--no-progress", "--out", str(run)], capsys)  # fmt: skip
     assert code == 0, err
     code, _, err = run_cli(["train", "--out", str(run), "--resume", *option], capsys)
-    assert code != 0 and "--resume continues the run's own model" in err
+    assert code != 0 and "--resume continues the run as it was set up" in err and option[0] in err
+
+
+def test_cli_jitter_is_recorded_and_kept_on_resume(tmp_path, capsys):
+    from stnkit.models.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    common = ["--task", "rotated", "--digit-sample", "--train-limit", "64", "--test-limit", "32", "--batch-size", "32",
+              "--no-progress", "--out", str(run)]  # fmt: skip
+    code, _, err = run_cli(["train", *common, "--epochs", "2", "--max-steps", "2", "--jitter-px", "0.5"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["train", "--out", str(run), "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    state = load_checkpoint(run / "checkpoints" / "last.safetensors").trainer_state
+    assert state["run_info"]["jitter_px"] == 0.5 and state["step"] == 4
+    code, _, err = run_cli(["train", *common[:-1], str(tmp_path / "bad"), "--jitter-px", "-1"], capsys)
+    assert code == 1 and "--jitter-px" in err and len(err.strip().splitlines()) == 1

@@ -239,6 +239,60 @@ def test_cluttered_places_the_digit_and_clutter_from_other_digits(digits):
 
 
 # -------------------------------------------------------------- dataset
+# ------------------------------------------------------- training jitter
+def test_jitter_leaves_the_task_draws_alone(digits):
+    images = digits[0][:200]
+    plain, params = distort(images, "rts", 4, return_params=True)
+    jittered, jitter_params = distort(images, "rts", 4, return_params=True, jitter_px=1.0)
+    for key in params:
+        np.testing.assert_array_equal(jitter_params[key], params[key])
+    assert torch.equal(distort(images, "rts", 4, jitter_px=0.0), plain)
+    assert torch.equal(distort(images, "rts", 4, jitter_px=1.0), jittered)  # deterministic
+    # A mild bend: the digits change, their ink and position hardly.
+    assert (jittered - plain).abs().mean() > 0.01
+    ink_ratio = (jittered.sum((1, 2, 3)) / plain.sum((1, 2, 3))).numpy()
+    assert abs(ink_ratio.mean() - 1) < 0.05 and 0.5 < ink_ratio.min() and ink_ratio.max() < 1.5
+    shift = np.abs(centroids(jittered) - centroids(plain))
+    assert shift.mean() < 0.6 and shift.max() < 2.5
+    offsets = distort(np.zeros((3000, 28, 28), np.uint8), "rotated", 1, return_params=True, jitter_px=0.7)[1]
+    assert offsets["jitter_offsets_px"].shape == (3000, 16, 2)
+    assert abs(offsets["jitter_offsets_px"].std() - 0.7) < 0.02
+
+
+def test_jitter_matches_an_independent_composition(digits):
+    """Rotation after an exact thin-plate-spline jitter, rendered with OpenCV's remap."""
+    images = digits[0][:40]
+    x, params = distort(images, "rotated", 2, return_params=True, jitter_px=1.0)
+    control = np.stack(np.meshgrid(np.linspace(-0.5, 27.5, 4), np.linspace(-0.5, 27.5, 4)), -1).reshape(16, 2)
+    ys, xs = np.mgrid[0:28, 0:28]
+    pixels = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
+    for i in range(len(images)):
+        # Backward rotation about the centre (counter-clockwise on screen for positive angles) ...
+        a = np.deg2rad(params["angle_deg"][i])
+        rotation = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        rotated = (pixels - C) @ rotation.T + C
+        # ... then the jitter spline, exactly, at the rotated points.
+        mapped = tps_reference(control + params["jitter_offsets_px"][i], rotated, control)
+        mapped = mapped.reshape(28, 28, 2).astype(np.float32)
+        reference = cv2.remap(images[i].astype(np.float32) / 255, mapped[..., 0], mapped[..., 1], cv2.INTER_LINEAR)
+        difference = np.abs(x[i, 0].numpy() - reference)
+        assert difference.mean() < 5e-3 and difference.max() < 0.25, i
+
+
+def test_jitter_bad_input(digits):
+    images, labels = digits
+    for bad in (-1.0, float("nan"), float("inf"), "1", True):
+        with pytest.raises(ValueError, match="jitter_px must be a finite number of pixels >= 0"):
+            distort(images[:2], "rotated", 0, jitter_px=bad)
+    with pytest.raises(ValueError, match="cluttered task pastes digits without resampling"):
+        distort(images[:2], "cluttered", 0, jitter_px=1.0)
+    with pytest.raises(ValueError, match="test sets are made as the protocol says"):
+        DistortedMNIST("rotated", "test", images=images, labels=labels, jitter_px=1.0)
+    train = DistortedMNIST("rotated", "train", images=images, labels=labels, jitter_px=1.0)
+    assert "jitter_px=1.0" in repr(train)
+    assert not torch.equal(train.epoch(0)[0], DistortedMNIST("rotated", "train", images=images, labels=labels).epoch(0)[0])
+
+
 def test_train_epochs_are_redrawn_and_test_is_fixed(digits):
     images, labels = digits
     train = DistortedMNIST("rts", "train", seed=3, images=images, labels=labels)
