@@ -58,6 +58,8 @@ JOBS: dict[str, tuple[str, str, str, list[str]]] = {
     "rts-affine-drop-wd": ("rts", "st-cnn", "affine", ["--dropout", "0.25", "--weight-decay", "1e-4"]),
     "rotated-affine-drop-wd3": ("rotated", "st-cnn", "affine", ["--dropout", "0.25", "--weight-decay", "3e-4"]),
     "projective-projective-drop": ("projective", "st-cnn", "projective", ["--dropout", "0.25"]),
+    # training-only elastic jitter (not in the paper; test sets untouched): RESULTS.md §1, ninth session
+    "rotated-affine-drop-jit1": ("rotated", "st-cnn", "affine", ["--dropout", "0.25", "--jitter-px", "1"]),
 }
 # One job per cell by default, each the best recipe measured on the CPU (RESULTS.md §1); the
 # other variants run only when --jobs names them.
