@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from stnkit.data.datasets import load_mnist
-# _SQUARE and _PX: the P generator's own corner square (normalised, clockwise on screen from
-# top-left) and pixel size, so the draws it returns are read back exactly as it made them.
-from stnkit.data.distortions import _PX as PX, _SQUARE as SQUARE, DistortedMNIST, distort, get_task
+# The P generator's own corner square (normalised, clockwise on screen from top-left) and pixel
+# size, so the draws it returns are read back exactly as it made them.
+from stnkit.data.distortions import PIXEL_NORM as PX, CORNER_SQUARE as SQUARE, DistortedMNIST, distort, get_task
 from stnkit.models.checkpoint import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by a test

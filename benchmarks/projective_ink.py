@@ -28,7 +28,7 @@ import numpy as np
 
 from stnkit.data.datasets import load_mnist
 # The P generator's own corner square, pixel size and rule for a usable quad, so its draws are read back as it made them.
-from stnkit.data.distortions import _PX as PX, _SQUARE as SQUARE, _well_shaped as well_shaped
+from stnkit.data.distortions import PIXEL_NORM as PX, CORNER_SQUARE as SQUARE, well_shaped
 from stnkit.data.distortions import DistortedMNIST, distort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -37,7 +37,9 @@ from stnkit.data.datasets import SPLITS, load_mnist
 from stnkit.sampling import sample, warp
 from stnkit.transforms import Affine, Projective, ThinPlateSpline
 
-__all__ = ["TaskSpec", "TASKS", "get_task", "distort", "DistortedMNIST", "SeedLike"]
+__all__ = [
+    "TaskSpec", "TASKS", "get_task", "distort", "DistortedMNIST", "SeedLike", "CORNER_SQUARE", "PIXEL_NORM", "well_shaped",
+]  # fmt: skip
 
 SeedLike = int | Sequence[int] | np.random.SeedSequence
 
@@ -184,9 +186,17 @@ def _backward_affine(angle_deg: np.ndarray, scale: np.ndarray, centre: np.ndarra
     return Affine().from_pixels(torch.from_numpy(matrix), *size).float()
 
 
-def _well_shaped(quads: np.ndarray) -> np.ndarray:
+def well_shaped(quads: np.ndarray) -> np.ndarray:
     """Whether each ``(4, 2)`` quadrilateral (corners in order) is convex, oriented like the
-    square, and has every interior angle within ``[PROJECTIVE_MIN_ANGLE_DEG, 180 - that]``."""
+    square, and has every interior angle within ``[PROJECTIVE_MIN_ANGLE_DEG, 180 - that]``.
+
+    The P generator redraws the corner offsets of any quad that fails this test.
+
+    Examples
+    --------
+    >>> well_shaped(CORNER_SQUARE[None]).tolist()
+    [True]
+    """
     into = quads - np.roll(quads, 1, axis=1)  # edge arriving at each corner
     out = np.roll(quads, -1, axis=1) - quads  # edge leaving it
     cross = into[..., 0] * out[..., 1] - into[..., 1] * out[..., 0]
@@ -195,10 +205,12 @@ def _well_shaped(quads: np.ndarray) -> np.ndarray:
     return ((turn >= PROJECTIVE_MIN_ANGLE_DEG) & (turn <= 180.0 - PROJECTIVE_MIN_ANGLE_DEG)).all(axis=1)
 
 
-# Image corners in normalised coordinates, in the order of Projective("corners"): clockwise on screen from top-left.
-_SQUARE = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+# Image corners in normalised coordinates, in the order of Projective("corners"): clockwise on
+# screen from top-left. The P generator's corner offsets are relative to these, in PIXEL_NORM units.
+CORNER_SQUARE = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+CORNER_SQUARE.flags.writeable = False
+PIXEL_NORM = 2.0 / MNIST_SIZE  # one MNIST pixel in normalised units
 _CORNERS = Projective("corners")
-_PX = 2.0 / MNIST_SIZE  # one MNIST pixel in normalised units
 
 
 # -------------------------------------------------------------- generators
@@ -257,12 +269,12 @@ def _draw_projective(rng: np.random.Generator, images: np.ndarray):
     # 180 degrees squeezes the digit to a sliver: redraw those offsets, i.e. condition
     # the Gaussian on a usable warp (about 0.6% of draws).
     while True:
-        quads = (_SQUARE + offsets * _PX) / scale[:, None, None]
-        bad = ~_well_shaped(quads)
+        quads = (CORNER_SQUARE + offsets * PIXEL_NORM) / scale[:, None, None]
+        bad = ~well_shaped(quads)
         if not bad.any():
             break
         offsets[bad] = rng.normal(0.0, PROJECTIVE_CORNER_STD_PX, (int(bad.sum()), 4, 2))
-    theta = torch.from_numpy((quads - _SQUARE).reshape(n, 8)).float()
+    theta = torch.from_numpy((quads - CORNER_SQUARE).reshape(n, 8)).float()
     return theta, _CORNERS, {"scale": scale, "corner_offsets_px": offsets}
 
 
@@ -277,7 +289,7 @@ def _draw_elastic(rng: np.random.Generator, images: np.ndarray):
     # spline through the perturbed points followed by the inverse of the scaling. Dividing a
     # spline by s is the spline through the divided values, so one TPS does both exactly.
     points = _TPS.control_points(dtype=torch.float64).numpy()
-    theta = (points + offsets * _PX) / scale[:, None, None] - points
+    theta = (points + offsets * PIXEL_NORM) / scale[:, None, None] - points
     theta = torch.from_numpy(theta.reshape(n, _TPS.num_params)).float()
     return theta, _TPS, {"scale": scale, "control_offsets_px": offsets}
 
@@ -416,7 +428,7 @@ def distort(
         # Drawn after the task's parameters, so those are the same with and without jitter.
         offsets = rng.normal(0.0, jitter_px, (n, _JITTER_TPS.num_control_points, 2))
         params["jitter_offsets_px"] = offsets
-        jitter_theta = torch.from_numpy(offsets.reshape(n, _JITTER_TPS.num_params) * _PX).float().to(device)
+        jitter_theta = torch.from_numpy(offsets.reshape(n, _JITTER_TPS.num_params) * PIXEL_NORM).float().to(device)
     out_size = (spec.size, spec.size)
     out = torch.empty(n, 1, *out_size, device=device)
     source = torch.from_numpy(images).unsqueeze(1).to(device)
