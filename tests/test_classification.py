@@ -210,3 +210,24 @@ def test_cli_jitter_is_recorded_and_kept_on_resume(tmp_path, capsys):
     assert state["run_info"]["jitter_px"] == 0.5 and state["step"] == 4
     code, _, err = run_cli(["train", *common[:-1], str(tmp_path / "bad"), "--jitter-px", "-1"], capsys)
     assert code == 1 and "--jitter-px" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_val_size_holds_digits_out_and_picks_best(tmp_path, capsys):
+    from stnkit.models.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    common = ["--task", "rotated", "--digit-sample", "--train-limit", "64", "--test-limit", "32", "--batch-size", "32",
+              "--no-progress", "--out", str(run)]  # fmt: skip
+    code, out, err = run_cli(["train", *common, "--epochs", "2", "--max-steps", "2", "--val-size", "100"], capsys)
+    assert code == 0, err
+    assert "100 validation digits" in out and json.loads(out.strip().splitlines()[-1])["best_val_error"] is not None
+    code, _, err = run_cli(["train", "--out", str(run), "--resume", "--val-size", "100"], capsys)
+    assert code == 1 and "--val-size" in err
+    code, out, err = run_cli(["train", "--out", str(run), "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    best = load_checkpoint(run / "checkpoints" / "best.safetensors").trainer_state
+    assert best["val_error"] == summary["best_val_error"] and best["step"] == summary["best_step"]
+    assert load_checkpoint(run / "checkpoints" / "last.safetensors").trainer_state["run_info"]["val_size"] == 100
+    code, _, err = run_cli(["train", *common[:-1], str(tmp_path / "bad"), "--val-size", "8000"], capsys)
+    assert code == 1 and "--val-size must be 0 or between 1 and 7999" in err

@@ -253,3 +253,49 @@ def test_bad_settings_and_data_are_refused():
     trainer = Trainer(make_model(), None, lambda epoch: (torch.zeros(4, FEATURES), torch.zeros(4)), TEST_DATA, settings(None))
     with pytest.raises(ValueError, match="integer class labels"):
         trainer.fit()
+
+
+# ---------------------------------------------------------------- validation data
+VAL_DATA = blobs(45, torch.Generator().manual_seed(321))
+
+
+def test_validation_data_alone_picks_the_best_model(tmp_path):
+    # Validation labels shifted by one class: the better the model, the worse its validation
+    # error, so a selection on validation and one on the test set must disagree.
+    wrong_val = (VAL_DATA[0], (VAL_DATA[1] + 1) % CLASSES)
+    trainer = Trainer(make_model(), None, epoch_data, TEST_DATA, settings(tmp_path, epochs=4, eval_every=3), val_data=wrong_val)
+    result = trainer.fit()
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert all(row["val_error"] is not None for row in rows)
+    chosen = min(rows, key=lambda row: (row["val_error"], row["step"]))
+    assert result.best_step == chosen["step"] and result.best_val_error == chosen["val_error"]
+    assert result.best_test_error == chosen["test_error"] > min(row["test_error"] for row in rows)
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.safetensors")
+    assert best.trainer_state["step"] == chosen["step"] and best.trainer_state["val_error"] == chosen["val_error"]
+    assert evaluate(load_model(tmp_path / "checkpoints" / "best.safetensors"), *wrong_val) == result.best_val_error
+    assert result.val_error == rows[-1]["val_error"]
+
+
+def test_without_validation_data_the_column_stays_empty(tmp_path):
+    result = fit(make_model(), settings(tmp_path, epochs=1))
+    assert result.val_error is None and result.best_val_error is None
+    assert all(row["val_error"] is None for row in read_metrics(tmp_path / "metrics.csv"))
+
+
+def test_resume_with_validation_data_is_bit_identical_and_needs_it(tmp_path):
+    common = dict(checkpoint_every=4, eval_every=5)
+    full_model = make_model()
+    full = Trainer(full_model, None, epoch_data, TEST_DATA, settings(tmp_path / "full", **common), val_data=VAL_DATA).fit()
+    Trainer(make_model(), None, epoch_data, TEST_DATA, settings(tmp_path / "split", max_steps=7, **common), val_data=VAL_DATA).fit()
+    with pytest.raises(ValueError, match="had validation data; resume it with the same validation data"):
+        Trainer.resume(tmp_path / "split", epoch_data, TEST_DATA).fit()
+    resumed_trainer = Trainer.resume(tmp_path / "split", epoch_data, TEST_DATA, val_data=VAL_DATA)
+    resumed = resumed_trainer.fit()
+    assert_same_weights(full_model, resumed_trainer.model)
+    assert (resumed.best_step, resumed.best_val_error, resumed.best_test_error) == (full.best_step, full.best_val_error, full.best_test_error)
+
+
+def test_empty_validation_data_is_refused():
+    empty = (torch.zeros(0, FEATURES), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="val_data: x and y must hold the same, non-zero number of samples"):
+        Trainer(make_model(), None, epoch_data, TEST_DATA, settings(None), val_data=empty)

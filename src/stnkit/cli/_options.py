@@ -49,6 +49,24 @@ def task_splits(
     return train, test
 
 
+def hold_out(train: DistortedMNIST, count: int) -> tuple[DistortedMNIST, DistortedMNIST | None]:
+    """Split the last ``count`` training digits off as a validation set; ``(train, None)`` for 0.
+
+    The validation digits are distorted once, as the protocol says (no jitter), from the
+    training seed; the training split keeps the rest and its own settings.
+    """
+    if count == 0:
+        return train, None
+    if not 0 < count < len(train):
+        raise ValueError(f"--val-size must be 0 or between 1 and {len(train) - 1} (the training digits), got {count}")
+    labels = train.labels.numpy()
+    kept = DistortedMNIST(
+        train.task, "train", seed=train.seed, images=train.images[:-count], labels=labels[:-count], jitter_px=train.jitter_px
+    )
+    val = DistortedMNIST(train.task, "test", seed=train.seed, images=train.images[-count:], labels=labels[-count:])
+    return kept, val
+
+
 def run_info(task: str, data_root: str | None, digit_sample: bool, test_seed: int) -> dict[str, Any]:
     """What a checkpoint needs to rebuild the data on resume and evaluation."""
     return {"task": task, "data_root": data_root, "digit_sample": digit_sample, "test_seed": test_seed}

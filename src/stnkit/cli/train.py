@@ -12,7 +12,7 @@ from ..models.checkpoint import load_checkpoint, load_model
 from ..models.classifiers import MODEL_NAMES, classifier, count_parameters
 from ..models.invariance_models import INVARIANCE_VARIANTS, invariance_model
 from ..training.trainer import LAST_CHECKPOINT, TrainConfig, Trainer, resolve_device
-from ._options import data_options, limit, run_info, task_splits
+from ._options import data_options, hold_out, limit, run_info, task_splits
 from .main import CLIError
 
 # The STN variants of Finnveden et al. that `--model` accepts. Their plain "cnn" is left out on
@@ -53,6 +53,9 @@ STN_VARIANTS = tuple(name for name in INVARIANCE_VARIANTS if name.startswith("st
 @click.option("--max-grad-norm", type=float, default=None, help="Clip the gradient norm.")
 @click.option("--seed", type=int, default=0)
 @click.option("--test-seed", type=int, default=0, help="Seed of the fixed test set.")
+@click.option("--val-size", type=int, default=0, show_default=True,
+              help="Hold the last N training digits out as a validation set (distorted once); it then picks "
+                   "best.safetensors instead of the test set.")
 @click.option("--train-limit", type=int, default=None, help="Use only the first N training digits.")
 @click.option("--test-limit", type=int, default=None, help="Evaluate on only the first N test digits.")
 @click.option("--checkpoint-every", type=int, default=200, help="Steps between checkpoints (and at every epoch end).")
@@ -72,7 +75,7 @@ STN_VARIANTS = tuple(name for name in INVARIANCE_VARIANTS if name.startswith("st
 @click.option("--tensorboard", is_flag=True, help="Also write the metrics to OUT/tb for TensorBoard.")
 def command(
     task, data_root, digit_sample, model_name, layer, transform, out_dir, epochs, batch_size, optimizer, lr, momentum,
-    weight_decay, dropout, iterations, jitter_px, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, train_limit, test_limit,
+    weight_decay, dropout, iterations, jitter_px, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, val_size, train_limit, test_limit,
     checkpoint_every, eval_every, max_steps, device, data_device, init_from, resume, overwrite, progress, amp, tensorboard,
 ):
     """Train a classifier (FCN, CNN, ST-FCN, ST-CNN) on a distorted-MNIST task."""
@@ -81,23 +84,28 @@ def command(
         last = out / LAST_CHECKPOINT
         if not last.is_file():
             raise CLIError(f"--resume: no checkpoint at {last}")
-        if dropout or iterations is not None or init_from is not None or jitter_px:
+        if dropout or iterations is not None or init_from is not None or jitter_px or val_size:
             # The model and data come from the run's checkpoint as it was saved; these would be silently ignored.
-            raise CLIError("--resume continues the run as it was set up; --dropout, --iterations, --init "
-                           "and --jitter-px apply to a new run")
+            raise CLIError("--resume continues the run as it was set up; --dropout, --iterations, --init, "
+                           "--jitter-px and --val-size apply to a new run")
         state = load_checkpoint(last).trainer_state or {}
         info = state.get("run_info", {})
         task, data_root, digit_sample, test_seed = info["task"], info["data_root"], info["digit_sample"], info["test_seed"]
         # The run's own seed drives its distortions: a resumed run must see the same data.
         seed = state.get("train_config", {}).get("seed", seed)
         train_limit, test_limit = info.get("train_limit"), info.get("test_limit")
-        jitter_px = info.get("jitter_px", 0.0)
+        jitter_px, val_size = info.get("jitter_px", 0.0), info.get("val_size", 0)
     try:
         train, test = task_splits(task, data_root, digit_sample, seed=seed, test_seed=test_seed, jitter_px=jitter_px)
     except ValueError as error:
         if "jitter_px" not in str(error):
             raise
         raise CLIError(f"--jitter-px {jitter_px}: {error}") from None
+    try:
+        train, val = hold_out(train, val_size)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    val_data = None if val is None else val.epoch(0)
     test_data = limit(*test.epoch(0), test_limit)
 
     # On a GPU, warping 60,000 digits each epoch on the host would take longer than training on them.
@@ -114,7 +122,7 @@ def command(
     elif not resume:
         overrides["epochs"] = 20
     if resume:
-        trainer = Trainer.resume(out, epoch_data, test_data, **overrides)
+        trainer = Trainer.resume(out, epoch_data, test_data, val_data=val_data, **overrides)
     else:
         steps = tuple(int(s) for s in lr_steps.split(",") if s.strip())
         config = TrainConfig(
@@ -147,17 +155,21 @@ def command(
             options = {} if iterations is None else {"iterations": iterations}
             model = classifier(model_name, transform, (train.size, train.size), dropout=dropout, **options)
         info = run_info(task, data_root, digit_sample, test_seed)
-        info.update(train_limit=train_limit, test_limit=test_limit, init=init_from, jitter_px=jitter_px)
+        info.update(train_limit=train_limit, test_limit=test_limit, init=init_from, jitter_px=jitter_px, val_size=val_size)
         has_transformer = model_name.startswith(("st-", "stn-"))
         train_count = len(train) if train_limit is None else min(train_limit, len(train))
+        val_note = f", {val_size} validation digits" if val_size else ""
         click.echo(f"{model_name} ({transform if has_transformer else 'no transformer'}) on {task}: "
-                   f"{count_parameters(model):,} parameters, {train_count} training digits, {len(test_data[0])} test digits")
-        trainer = Trainer(model, None, epoch_data, test_data, config, run_info=info)
+                   f"{count_parameters(model):,} parameters, {train_count} training digits{val_note}, "
+                   f"{len(test_data[0])} test digits")
+        trainer = Trainer(model, None, epoch_data, test_data, config, run_info=info, val_data=val_data)
     result = trainer.fit()
     summary = {
         "task": task, "steps": result.steps, "epochs": result.epochs_completed,
         "test_error": result.test_error, "best_test_error": result.best_test_error,
         "skipped_steps": result.skipped_steps, "out": str(out),
     }
+    if val_data is not None:
+        summary.update(val_error=result.val_error, best_val_error=result.best_val_error, best_step=result.best_step)
     if trainer.dist.is_main:  # under torchrun, print once
         click.echo(json.dumps(summary))

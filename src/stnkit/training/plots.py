@@ -22,7 +22,7 @@ def plot_learning_curve(
     *,
     title: str | None = None,
 ) -> Path:
-    """Plot training loss and test error against the step, and save it as a PNG.
+    """Plot training loss and training, validation (when logged) and test error against the step, and save it as a PNG.
 
     Parameters
     ----------
@@ -54,6 +54,7 @@ def plot_learning_curve(
     loss_axes, error_axes = figure.subplots(1, 2)
     loss_points = [(row["step"], row["train_loss"]) for row in rows if row.get("train_loss") is not None]
     error_points = [(row["step"], 100.0 * row["test_error"]) for row in rows if row.get("test_error") is not None]
+    val_points = [(row["step"], 100.0 * row["val_error"]) for row in rows if row.get("val_error") is not None]
     train_error_points = [
         (row["step"], 100.0 * (1.0 - row["train_acc"])) for row in rows if row.get("train_acc") is not None
     ]
@@ -61,6 +62,8 @@ def plot_learning_curve(
         loss_axes.plot(*zip(*loss_points), color="tab:blue", marker=".")
     if train_error_points:
         error_axes.plot(*zip(*train_error_points), color="tab:blue", marker=".", label="train")
+    if val_points:
+        error_axes.plot(*zip(*val_points), color="tab:green", marker=".", label="validation")
     if error_points:
         error_axes.plot(*zip(*error_points), color="tab:red", marker=".", label="test")
     loss_axes.set(xlabel="step", ylabel="training loss", title="loss")

@@ -19,8 +19,15 @@ on the CPU).
 Files written into ``out_dir``
 ------------------------------
 ``metrics.csv`` (see :mod:`stnkit.training.metrics_log`), ``learning_curve.png``,
-``checkpoints/last.safetensors`` and ``checkpoints/best.safetensors`` (the model
-with the lowest test error so far).
+``checkpoints/last.safetensors`` and ``checkpoints/best.safetensors``.
+
+Which model is "best"
+---------------------
+Given validation data (``val_data``, e.g. digits held out of the training set),
+``best.safetensors`` is the model with the lowest validation error so far, and
+the test set is only watched. Without it, the lowest *test* error picks it:
+convenient for a quick look, but a selection on the test set, so a published
+test error should come from ``last.safetensors`` or from a run with validation data.
 """
 
 from __future__ import annotations
@@ -261,8 +268,14 @@ class TrainResult:
         Complete epochs done.
     test_error : float or None
         Test error at the last evaluation.
-    best_test_error, best_step :
-        The lowest test error seen and the step it was reached at.
+    best_step : int or None
+        The step of ``best.safetensors``: lowest validation error when the run
+        has validation data, else lowest test error.
+    best_test_error : float or None
+        The test error at ``best_step``.
+    val_error, best_val_error : float or None
+        Validation error at the last evaluation and at ``best_step`` (None
+        without validation data).
     skipped_steps : int
         Steps skipped because the loss (or gradient norm) was not finite.
     localisation_lr_factor : float
@@ -282,6 +295,8 @@ class TrainResult:
     localisation_lr_factor: float
     stopped_early: bool
     out_dir: Path | None
+    val_error: float | None = None
+    best_val_error: float | None = None
 
 
 @dataclass
@@ -320,6 +335,9 @@ class Trainer:
         scale running to zero or infinity); a flagged step is handled like a
         non-finite one (see :mod:`stnkit.training.guards`). ``True`` uses the
         default thresholds, ``False`` turns it off.
+    val_data : tuple of Tensor, optional
+        ``(x, y)`` of a validation set, evaluated with the test set; when given,
+        it alone selects ``best.safetensors`` (see the module docstring).
 
     Examples
     --------
@@ -339,6 +357,7 @@ class Trainer:
         *,
         run_info: Mapping[str, Any] | None = None,
         guard: CollapseGuard | bool = True,
+        val_data: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -359,6 +378,7 @@ class Trainer:
         self._tensorboard: Any = None
         self.train_epoch_fn = train_epoch_fn
         self.test_x, self.test_y = _check_xy(test_data, "test_data")
+        self.val_x, self.val_y = (None, None) if val_data is None else _check_xy(val_data, "val_data")
         self.out_dir = Path(self.config.out_dir) if self.config.out_dir is not None else None
         self.optimizer, self._is_localisation_group = self._make_optimizer()
         # Collapse detection (stnkit.training.guards): hooks on the spatial transformers.
@@ -375,6 +395,8 @@ class Trainer:
         self.test_error: float | None = None
         self.best_test_error: float | None = None
         self.best_step: int | None = None
+        self.val_error: float | None = None
+        self.best_val_error: float | None = None
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.localisation_lr_factor = 1.0
@@ -393,6 +415,8 @@ class Trainer:
         out_dir: str | Path,
         train_epoch_fn: EpochDataFn,
         test_data: tuple[torch.Tensor, torch.Tensor],
+        *,
+        val_data: tuple[torch.Tensor, torch.Tensor] | None = None,
         **overrides: Any,
     ) -> Trainer:
         """Rebuild the trainer of the run in ``out_dir`` from its last checkpoint; call :meth:`fit` to continue.
@@ -401,6 +425,7 @@ class Trainer:
         the run's own; ``overrides`` may change the ones that do not alter the
         result (``epochs``, ``max_steps``, ``progress``, ``device``,
         ``checkpoint_every``, ``eval_every``, ``eval_batch_size``, ``max_nonfinite``).
+        ``val_data`` must be given again if the run had it (it chose ``best``).
 
         Examples
         --------
@@ -415,7 +440,10 @@ class Trainer:
         settings = {**state["train_config"], "max_steps": None, **overrides}
         settings.update(out_dir=str(out_dir), resume=True, overwrite=False)
         model = build_model(checkpoint.config)
-        return cls(model, checkpoint.config, train_epoch_fn, test_data, TrainConfig.from_dict(settings), run_info=state.get("run_info"))
+        return cls(
+            model, checkpoint.config, train_epoch_fn, test_data, TrainConfig.from_dict(settings),
+            run_info=state.get("run_info"), val_data=val_data,
+        )  # fmt: skip
 
     # --- the loop -------------------------------------------------------------
 
@@ -491,6 +519,8 @@ class Trainer:
             localisation_lr_factor=self.localisation_lr_factor,
             stopped_early=stopped and self.epoch < config.epochs,
             out_dir=self.out_dir,
+            val_error=self.val_error,
+            best_val_error=self.best_val_error,
         )
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, batches_per_epoch: int) -> None:
@@ -604,21 +634,30 @@ class Trainer:
             if buffer.is_floating_point() and not torch.isfinite(buffer).all() and name in good_state:
                 buffer.copy_(good_state[name])
 
-    def _evaluate_and_log(self) -> None:
-        # Each rank evaluates its slice of the test set; the wrong counts are summed.
-        test_x, test_y = self.dist.shard(self.test_x, self.test_y)
+    def _error_on(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        # Each rank evaluates its slice; the wrong counts are summed.
+        shard_x, shard_y = self.dist.shard(x, y)
         with self._autocast():
-            error = evaluate(self.model, test_x, test_y, self.config.eval_batch_size, device=self.device) if len(test_y) else 0.0
+            error = evaluate(self.model, shard_x, shard_y, self.config.eval_batch_size, device=self.device) if len(shard_y) else 0.0
         if self.dist.enabled:
-            wrong = self.dist.all_reduce_sum(torch.tensor([round(error * len(test_y))], device=self.device))
-            error = int(wrong.item()) / len(self.test_y)
-        self.test_error = error
+            wrong = self.dist.all_reduce_sum(torch.tensor([round(error * len(shard_y))], device=self.device))
+            error = int(wrong.item()) / len(y)
+        return error
+
+    def _evaluate_and_log(self) -> None:
+        self.test_error = self._error_on(self.test_x, self.test_y)
+        if self.val_y is not None:
+            self.val_error = self._error_on(self.val_x, self.val_y)
         self._last_eval_step = self.step
-        if self.best_test_error is None or self.test_error < self.best_test_error:
-            self.best_test_error, self.best_step = self.test_error, self.step
+        # With validation data, it alone picks the best model; the test set is only watched.
+        selection_error, best_so_far = (
+            (self.test_error, self.best_test_error) if self.val_y is None else (self.val_error, self.best_val_error)
+        )
+        if best_so_far is None or selection_error < best_so_far:
+            self.best_test_error, self.best_val_error, self.best_step = self.test_error, self.val_error, self.step
             if self.out_dir is not None and self.dist.is_main:
                 best_state = {"step": self.step, "epoch": self.epoch, "test_error": self.test_error,
-                              "train_config": self.config.to_dict(), "run_info": self.run_info}
+                              "val_error": self.val_error, "train_config": self.config.to_dict(), "run_info": self.run_info}
                 save_checkpoint(self.out_dir / BEST_CHECKPOINT, self.model, self.model_config, trainer_state=best_state)
         window = self._window
         if self._metrics is not None:
@@ -628,6 +667,7 @@ class Trainer:
                 "train_loss": window.loss_sum / window.count if window.count else None,
                 "train_acc": window.correct / window.count if window.count else None,
                 "test_error": self.test_error,
+                "val_error": self.val_error,
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "images_per_s": window.count / window.seconds if window.seconds > 0 else None,
                 "time": round(self._elapsed_now(), 3),
@@ -701,6 +741,8 @@ class Trainer:
             "test_error": self.test_error,
             "best_test_error": self.best_test_error,
             "best_step": self.best_step,
+            "val_error": self.val_error,
+            "best_val_error": self.best_val_error,
             "skipped_steps": self.skipped_steps,
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "localisation_lr_factor": self.localisation_lr_factor,
@@ -746,6 +788,11 @@ class Trainer:
             raise ValueError(f"{path}: does not fit this model/optimizer: {str(exc).splitlines()[0]}") from None
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.test_error, self.best_test_error, self.best_step = state["test_error"], state["best_test_error"], state["best_step"]
+        # Checkpoints from before validation data existed have neither key.
+        self.val_error, self.best_val_error = state.get("val_error"), state.get("best_val_error")
+        if (self.best_val_error is not None) != (self.val_y is not None) and self.best_step is not None:
+            had = "had validation data" if self.best_val_error is not None else "had none"
+            raise ValueError(f"{path}: the run {had}; resume it with the same validation data, which chose its best model")
         self.skipped_steps, self.consecutive_nonfinite = state["skipped_steps"], state["consecutive_nonfinite"]
         self.localisation_lr_factor, self.elapsed = state["localisation_lr_factor"], state["elapsed"]
         self._last_eval_step = state["last_eval_step"]
