@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -75,8 +76,9 @@ STN_VARIANTS = tuple(name for name in INVARIANCE_VARIANTS if name.startswith("st
 @click.option("--tensorboard", is_flag=True, help="Also write the metrics to OUT/tb for TensorBoard.")
 def command(
     task, data_root, digit_sample, model_name, layer, transform, out_dir, epochs, batch_size, optimizer, lr, momentum,
-    weight_decay, dropout, iterations, jitter_px, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed, val_size, train_limit, test_limit,
-    checkpoint_every, eval_every, max_steps, device, data_device, init_from, resume, overwrite, progress, amp, tensorboard,
+    weight_decay, dropout, iterations, jitter_px, loc_lr_scale, schedule, lr_steps, max_grad_norm, seed, test_seed,
+    val_size, train_limit, test_limit, checkpoint_every, eval_every, max_steps, device, data_device, init_from, resume,
+    overwrite, progress, amp, tensorboard,
 ):
     """Train a classifier (FCN, CNN, ST-FCN, ST-CNN) on a distorted-MNIST task."""
     out = Path(out_dir)
@@ -95,12 +97,11 @@ def command(
         seed = state.get("train_config", {}).get("seed", seed)
         train_limit, test_limit = info.get("train_limit"), info.get("test_limit")
         jitter_px, val_size = info.get("jitter_px", 0.0), info.get("val_size", 0)
-    try:
-        train, test = task_splits(task, data_root, digit_sample, seed=seed, test_seed=test_seed, jitter_px=jitter_px)
-    except ValueError as error:
-        if "jitter_px" not in str(error):
-            raise
-        raise CLIError(f"--jitter-px {jitter_px}: {error}") from None
+    if not math.isfinite(jitter_px) or jitter_px < 0:
+        raise CLIError(f"--jitter-px must be a finite number of pixels >= 0, got {jitter_px}")
+    if jitter_px and task == "cluttered":
+        raise CLIError("--jitter-px: the cluttered task pastes digits without resampling; leave it at 0")
+    train, test = task_splits(task, data_root, digit_sample, seed=seed, test_seed=test_seed, jitter_px=jitter_px)
     try:
         train, val = hold_out(train, val_size)
     except ValueError as error:
