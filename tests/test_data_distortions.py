@@ -44,6 +44,7 @@ def test_task_registry():
         "projective": ("P", 28),
         "elastic": ("E", 28),
         "cluttered": ("TC", 60),
+        "plain": ("U", 28),
     }
     assert all(spec.description for spec in TASKS.values())
     assert get_task(TASKS["rts"]) is TASKS["rts"]
@@ -86,7 +87,7 @@ def test_shape_dtype_range_and_determinism(task, digits):
     assert x.min() >= 0 and x.max() <= 1 and x.amax((1, 2, 3)).min() > 0.3  # every digit still visible
     assert torch.equal(x, distort(images, task, 7))
     assert torch.equal(x, distort(torch.from_numpy(images), task, np.random.SeedSequence(7)))
-    assert not torch.equal(x, distort(images, task, 8))
+    assert torch.equal(x, distort(images, task, 8)) == (task == "plain")  # plain draws nothing
     assert distort(images[:0], task, 0).shape == (0, 1, size, size)
 
 
@@ -239,6 +240,14 @@ def test_cluttered_places_the_digit_and_clutter_from_other_digits(digits):
 
 
 # -------------------------------------------------------------- dataset
+def test_plain_returns_the_digits_as_they_are(digits):
+    images = digits[0][:50]
+    x, params = distort(images, "plain", 3, return_params=True)
+    assert params == {}
+    assert torch.equal(x[:, 0], torch.from_numpy(images).float() / 255.0)
+    assert not torch.equal(distort(images, "plain", 3, jitter_px=1.0), x)  # the jitter still applies
+
+
 # ------------------------------------------------------- training jitter
 def test_jitter_leaves_the_task_draws_alone(digits):
     images = digits[0][:200]

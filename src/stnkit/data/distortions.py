@@ -14,6 +14,8 @@ Appendix A.1 of the paper defines the distortions used for its Table 1:
 
 plus translated-cluttered MNIST (**TC**, ``cluttered``): the digit at a random
 location in a 60x60 image with 6 random 6x6 fragments of other digits as clutter.
+``plain`` leaves the digits as they are: not a task of the paper, but the
+baseline that says what a classifier reaches without any distortion.
 Every choice the paper leaves open is written in ``docs/distorted_mnist_protocol.md``.
 
 All randomness comes from one :class:`numpy.random.Generator` seeded by the
@@ -115,6 +117,8 @@ TASKS: dict[str, TaskSpec] = {
             CLUTTER_SIZE,
             "digit at a uniformly random position in a 60x60 canvas with 6 random 6x6 fragments of other digits",
         ),
+        # Not in the paper's table: the baseline that says what a classifier gets with no distortion at all.
+        TaskSpec("plain", "U", MNIST_SIZE, "no distortion: the MNIST digit as it is (a calibration baseline); 28x28"),
     )
 }
 
@@ -320,7 +324,15 @@ def _cluttered(images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     return canvas, params
 
 
-_GENERATORS = {"rotated": _draw_rotated, "rts": _draw_rts, "projective": _draw_projective, "elastic": _draw_elastic}
+def _draw_plain(rng: np.random.Generator, images: np.ndarray):
+    # Draws nothing. Only used with the training jitter, which needs a grid to bend: without
+    # it, distort() returns the digits without resampling.
+    return Affine().identity(len(images)), Affine(), {}
+
+
+_GENERATORS = {
+    "rotated": _draw_rotated, "rts": _draw_rts, "projective": _draw_projective, "elastic": _draw_elastic, "plain": _draw_plain,
+}  # fmt: skip
 
 _JITTER_TPS = ThinPlateSpline(grid_size=JITTER_GRID)
 
@@ -365,7 +377,8 @@ def distort(
     images : numpy.ndarray or torch.Tensor
         ``uint8`` digits of shape ``(N, 28, 28)``.
     task : str or TaskSpec
-        One of :data:`TASKS`: ``"rotated"``, ``"rts"``, ``"projective"``, ``"elastic"``, ``"cluttered"``.
+        One of :data:`TASKS`: ``"rotated"``, ``"rts"``, ``"projective"``, ``"elastic"``, ``"cluttered"``,
+        or ``"plain"`` (no distortion, a calibration baseline outside the paper's table).
     rng_seed : int, sequence of int or numpy.random.SeedSequence
         Seed of the generator drawing every random parameter. The same
         images, task and seed always give the same output.
@@ -421,8 +434,12 @@ def distort(
         out = torch.from_numpy(canvas).unsqueeze(1).float().div_(255.0)
         return (out, params) if return_params else out
 
-    theta, transform, params = _GENERATORS[spec.name](rng, images)
     device = torch.device("cpu") if device is None else torch.device(device)
+    if spec.name == "plain" and not jitter_px:
+        out = torch.from_numpy(images).unsqueeze(1).to(device).float().div_(255.0)  # exact: no resampling
+        return (out, {}) if return_params else out
+
+    theta, transform, params = _GENERATORS[spec.name](rng, images)
     jitter_theta = None
     if jitter_px:
         # Drawn after the task's parameters, so those are the same with and without jitter.
