@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import stnkit
+import stnkit.data.digits
 from stnkit.models import classifier
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -64,3 +66,17 @@ def test_projective_ink_compares_both_readings_on_the_same_draws(tmp_path, data_
     backward, forward = ([float(cell.strip().rstrip("%")) for cell in row[1:]] for row in rows)
     assert backward[0] == 0.0  # the generator only keeps draws whose backward quad is usable
     assert all(0.0 <= share <= 100.0 for share in backward + forward) and forward[0] > 0.0
+
+
+def test_oracle_alignment_undoes_the_rotation_and_reports(tmp_path):
+    script = load_script("oracle_alignment")
+    images, _ = stnkit.data.digits.load_digit_sample("test")
+    clean = torch.from_numpy(images[:200]).float().div(255).unsqueeze(1)
+    rotated = stnkit.data.distort(images[:200], "rotated", 4)
+    aligned = script.oracle_aligned(images[:200], 4)
+    # Turned back: what is left is resampling blur, far below the rotated digits' distance.
+    assert (aligned - clean).abs().mean() < 0.2 * (rotated - clean).abs().mean()
+    out = tmp_path / "oracle.md"
+    assert script.main(["--digit-sample", "--epochs", "1", "--train-limit", "256", "--test-seeds", "0", "--out", str(out)]) == 0
+    report = out.read_text(encoding="utf-8")
+    assert "| R oracle-aligned, seed 0 |" in report and "| the same test digits undistorted |" in report
