@@ -85,6 +85,14 @@ def analyse(task: str, checkpoint: str, seeds: list[int], root: str | None) -> s
     pad = (get_task(task).size - 28) // 2
     clean = F.pad(clean, (pad, pad, pad, pad))
     clean_error = 100 * float((predict(model, clean) != labels).mean())
+    transformer = getattr(model, "transformer", None)
+    if transformer is not None:
+        # The frame the transformer maps undistorted digits to: where its classifier expects them.
+        with torch.no_grad():
+            model(clean[:2000])
+        canonical = transformer.last_theta.mean(0).tolist()
+        lines += [f"Mean theta ({transformer.transform.name}) on the first 2,000 undistorted digits: "
+                  f"`{', '.join(f'{v:.3f}' for v in canonical)}`", ""]  # fmt: skip
     lines += [
         "| test set | error % |", "|---|---:|",
         *[f"| {task}, seed {s} | {e:.2f} |" for s, e in zip(seeds, errors)],
