@@ -60,6 +60,8 @@ JOBS: dict[str, tuple[str, str, str, list[str]]] = {
     "projective-projective-drop": ("projective", "st-cnn", "projective", ["--dropout", "0.25"]),
     # training-only elastic jitter (not in the paper; test sets untouched): RESULTS.md §1, ninth session
     "rotated-affine-drop-jit1": ("rotated", "st-cnn", "affine", ["--dropout", "0.25", "--jitter-px", "1"]),
+    # a rotation-only transformer for R (3 parameters): RESULTS.md §1, ninth session
+    "rotated-rotation-drop": ("rotated", "st-cnn", "rotation", ["--dropout", "0.25"]),
 }
 # One job per cell by default, each the best recipe measured on the CPU (RESULTS.md §1); the
 # other variants run only when --jobs names them.
