@@ -14,6 +14,7 @@ from stnkit.cli.main import main
 from stnkit.data.digits import load_digit_sample
 from stnkit.data.distortions import DistortedMNIST
 from stnkit.models import MODEL_NAMES, classifier, count_parameters, load_model
+from stnkit.models.checkpoint import load_checkpoint
 
 
 def test_st_cnn_trains_on_digits_and_starts_at_identity():
@@ -196,12 +197,15 @@ def test_cli_resume_refuses_options_that_would_change_the_model(tmp_path, capsys
     assert code != 0 and "--resume continues the run as it was set up" in err and option[0] in err
 
 
-def test_cli_jitter_is_recorded_and_kept_on_resume(tmp_path, capsys):
-    from stnkit.models.checkpoint import load_checkpoint
+def small_rotated_run(out) -> list[str]:
+    """``stnkit train`` arguments for a few-second R run on the shipped sample, ending in ``--out OUT``."""
+    return ["--task", "rotated", "--digit-sample", "--train-limit", "64", "--test-limit", "32", "--batch-size", "32",
+            "--no-progress", "--out", str(out)]  # fmt: skip
 
+
+def test_cli_jitter_is_recorded_and_kept_on_resume(tmp_path, capsys):
     run = tmp_path / "run"
-    common = ["--task", "rotated", "--digit-sample", "--train-limit", "64", "--test-limit", "32", "--batch-size", "32",
-              "--no-progress", "--out", str(run)]  # fmt: skip
+    common = small_rotated_run(run)
     code, _, err = run_cli(["train", *common, "--epochs", "2", "--max-steps", "2", "--jitter-px", "0.5"], capsys)
     assert code == 0, err
     code, _, err = run_cli(["train", "--out", str(run), "--resume", "--no-progress"], capsys)
@@ -213,11 +217,8 @@ def test_cli_jitter_is_recorded_and_kept_on_resume(tmp_path, capsys):
 
 
 def test_cli_val_size_holds_digits_out_and_picks_best(tmp_path, capsys):
-    from stnkit.models.checkpoint import load_checkpoint
-
     run = tmp_path / "run"
-    common = ["--task", "rotated", "--digit-sample", "--train-limit", "64", "--test-limit", "32", "--batch-size", "32",
-              "--no-progress", "--out", str(run)]  # fmt: skip
+    common = small_rotated_run(run)
     code, out, err = run_cli(["train", *common, "--epochs", "2", "--max-steps", "2", "--val-size", "100"], capsys)
     assert code == 0, err
     assert "100 validation digits" in out and json.loads(out.strip().splitlines()[-1])["best_val_error"] is not None

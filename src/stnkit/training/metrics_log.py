@@ -3,8 +3,9 @@
 Columns (see :data:`METRICS_COLUMNS`): ``step`` (optimizer steps so far),
 ``epoch`` (0-based epoch the row was logged in), ``train_loss`` and
 ``train_acc`` (averaged over the steps since the previous row), ``test_error``
-and ``val_error`` (fractions; ``val_error`` empty without validation data), ``lr`` (base learning rate), ``images_per_s`` (training throughput
-since the previous row), ``time`` (seconds since the run started, summed over
+and ``val_error`` (fractions; ``val_error`` empty without validation data),
+``lr`` (base learning rate), ``images_per_s`` (training throughput since the
+previous row), ``time`` (seconds since the run started, summed over
 resumed sessions) and ``skipped_steps`` (steps skipped so far because the loss
 was not finite). Each row is flushed as soon as
 it is written, so the file is useful while training is still running.

@@ -22,7 +22,7 @@ def plot_learning_curve(
     *,
     title: str | None = None,
 ) -> Path:
-    """Plot training loss and training, validation (when logged) and test error against the step, and save it as a PNG.
+    """Plot training loss, and training, validation (when logged) and test error, against the step; save as PNG.
 
     Parameters
     ----------
