@@ -62,6 +62,8 @@ JOBS: dict[str, tuple[str, str, str, list[str]]] = {
     "rotated-affine-drop-jit1": ("rotated", "st-cnn", "affine", ["--dropout", "0.25", "--jitter-px", "1"]),
     # a rotation-only transformer for R (3 parameters): RESULTS.md §1, ninth session
     "rotated-rotation-drop": ("rotated", "st-cnn", "rotation", ["--dropout", "0.25"]),
+    # two transformer rounds from the start, for R: RESULTS.md §1, tenth session
+    "rotated-affine-drop-it2": ("rotated", "st-cnn", "affine", ["--dropout", "0.25", "--iterations", "2"]),
 }
 # One job per cell by default, each the best recipe measured on the CPU (RESULTS.md §1); the
 # other variants run only when --jobs names them.

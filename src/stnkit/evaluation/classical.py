@@ -316,8 +316,11 @@ def align_ecc_defaults(input_image, support) -> np.ndarray:
     Examples
     --------
     >>> image = np.zeros((64, 64), np.uint8)
-    >>> align_ecc_defaults(image, image).shape  # blank: fails, identity (with a warning)
-    (3, 3)
+    >>> with warnings.catch_warnings(record=True) as caught:  # blank: fails, identity
+    ...     warnings.simplefilter("always")
+    ...     H = align_ecc_defaults(image, image)
+    >>> H.shape, caught[0].category.__name__
+    ((3, 3), 'AlignmentFailedWarning')
     """
     return _public("ecc_defaults", input_image, support, {})
 
@@ -334,8 +337,11 @@ def align_ecc_pyramid(
     Examples
     --------
     >>> image = np.zeros((64, 64), np.uint8)
-    >>> align_ecc_pyramid(image, image).shape  # blank: fails, identity (with a warning)
-    (3, 3)
+    >>> with warnings.catch_warnings(record=True) as caught:  # blank: fails, identity
+    ...     warnings.simplefilter("always")
+    ...     H = align_ecc_pyramid(image, image)
+    >>> H.shape, caught[0].category.__name__
+    ((3, 3), 'AlignmentFailedWarning')
     """
     options = {"levels": levels, "iterations": iterations, "eps": eps, "gauss_filter_size": gauss_filter_size}
     return _public("ecc_pyramid", input_image, support, options)
@@ -347,8 +353,11 @@ def align_orb_ransac(input_image, support, *, n_features: int = 500, ransac_thre
     Examples
     --------
     >>> image = np.zeros((64, 64), np.uint8)
-    >>> align_orb_ransac(image, image).tolist() == np.eye(3).tolist()  # no features: identity
-    True
+    >>> with warnings.catch_warnings(record=True) as caught:  # no features: fails, identity
+    ...     warnings.simplefilter("always")
+    ...     H = align_orb_ransac(image, image)
+    >>> H.tolist() == np.eye(3).tolist(), caught[0].category.__name__
+    (True, 'AlignmentFailedWarning')
     """
     return _public("orb_ransac", input_image, support, {"n_features": n_features, "ransac_threshold": ransac_threshold})
 
@@ -359,8 +368,11 @@ def align_sift_ransac(input_image, support, *, ratio: float = 0.75, ransac_thres
     Examples
     --------
     >>> image = np.zeros((64, 64), np.uint8)
-    >>> align_sift_ransac(image, image).tolist() == np.eye(3).tolist()  # no features: identity
-    True
+    >>> with warnings.catch_warnings(record=True) as caught:  # no features: fails, identity
+    ...     warnings.simplefilter("always")
+    ...     H = align_sift_ransac(image, image)
+    >>> H.tolist() == np.eye(3).tolist(), caught[0].category.__name__
+    (True, 'AlignmentFailedWarning')
     """
     return _public("sift_ransac", input_image, support, {"ratio": ratio, "ransac_threshold": ransac_threshold})
 
