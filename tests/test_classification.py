@@ -15,6 +15,7 @@ from stnkit.data.digits import load_digit_sample
 from stnkit.data.distortions import DistortedMNIST
 from stnkit.models import MODEL_NAMES, classifier, count_parameters, load_model
 from stnkit.models.checkpoint import load_checkpoint
+from stnkit.training.metrics_log import read_metrics
 
 
 def test_st_cnn_trains_on_digits_and_starts_at_identity():
@@ -186,7 +187,8 @@ def test_cli_train_cnn_is_the_st_papers_baseline(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "option", [["--iterations", "2"], ["--dropout", "0.25"], ["--init", "mnist-rts"], ["--jitter-px", "1"]]
+    "option",
+    [["--iterations", "2"], ["--dropout", "0.25"], ["--init", "mnist-rts"], ["--jitter-px", "1"], ["--ema-decay", "0.9"]],
 )
 def test_cli_resume_refuses_options_that_would_change_the_model(tmp_path, capsys, option):
     run = tmp_path / "run"
@@ -214,6 +216,18 @@ def test_cli_jitter_is_recorded_and_kept_on_resume(tmp_path, capsys):
     assert state["run_info"]["jitter_px"] == 0.5 and state["step"] == 4
     code, _, err = run_cli(["train", *common[:-1], str(tmp_path / "bad"), "--jitter-px", "-1"], capsys)
     assert code == 1 and "--jitter-px" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_ema_decay_writes_an_evaluable_average(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", *small_rotated_run(run), "--epochs", "2", "--ema-decay", "0.9"], capsys)
+    assert code == 0, err
+    ema = run / "checkpoints" / "ema.safetensors"
+    code, stdout, err = run_cli(["eval", str(ema), "--task", "rotated", "--digit-sample", "--test-limit", "32", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["test_error"] == read_metrics(run / "metrics.csv")[-1]["ema_test_error"]
+    code, _, err = run_cli(["train", *small_rotated_run(tmp_path / "bad"), "--ema-decay", "1"], capsys)
+    assert code == 1 and "ema_decay must be a number in [0, 1)" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_val_size_holds_digits_out_and_picks_best(tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from stnkit.models.checkpoint import load_checkpoint, load_model
+from stnkit.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from stnkit.models.registry import build_model, register_model
 from stnkit.training.metrics_log import METRICS_COLUMNS, read_metrics
 from stnkit.training.trainer import TrainConfig, Trainer, evaluate, learning_rate_at
@@ -299,3 +299,73 @@ def test_empty_validation_data_is_refused():
     empty = (torch.zeros(0, FEATURES), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="val_data: x and y must hold the same, non-zero number of samples"):
         Trainer(make_model(), None, epoch_data, TEST_DATA, settings(None), val_data=empty)
+
+
+# --- moving average of the weights (ema_decay) -------------------------------------------
+
+
+def test_moving_average_follows_its_formula_and_is_written(tmp_path):
+    model = make_model()
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer = Trainer(model, None, epoch_data, TEST_DATA, settings(tmp_path, epochs=1, max_steps=1, ema_decay=0.99))
+    trainer.fit()
+    # One step: the warm-up decay min(0.99, (1 + 0) / (10 + 0)) = 0.1 keeps 10% of the start.
+    for name, value in trainer.ema_model.state_dict().items():
+        expected = 0.1 * start[name] + 0.9 * model.state_dict()[name]
+        assert torch.allclose(value, expected, atol=1e-6), name
+    saved = load_model(tmp_path / "checkpoints" / "ema.safetensors")
+    assert_same_weights(saved, trainer.ema_model)
+
+
+def test_moving_average_is_logged_and_differs_from_the_weights(tmp_path):
+    model = make_model()
+    trainer = Trainer(model, None, epoch_data, TEST_DATA, settings(tmp_path, epochs=2, ema_decay=0.9))
+    trainer.fit()
+    rows = read_metrics(tmp_path / "metrics.csv")
+    ema = load_model(tmp_path / "checkpoints" / "ema.safetensors")
+    assert rows[-1]["ema_test_error"] == evaluate(ema, *TEST_DATA)
+    assert not torch.equal(ema.body[0].weight, model.body[0].weight)
+    assert not any(parameter.requires_grad for parameter in trainer.ema_model.parameters())
+
+
+def test_without_moving_average_nothing_extra_is_written(tmp_path):
+    fit(make_model(), settings(tmp_path, epochs=1))
+    assert not (tmp_path / "checkpoints" / "ema.safetensors").exists()
+    assert all(row["ema_test_error"] is None for row in read_metrics(tmp_path / "metrics.csv"))
+
+
+def test_resume_continues_the_moving_average_bit_identically(tmp_path):
+    common = dict(checkpoint_every=4, eval_every=5, ema_decay=0.95)
+    full = Trainer(make_model(dropout=0.2), None, epoch_data, TEST_DATA, settings(tmp_path / "full", **common))
+    full.fit()
+    fit(make_model(dropout=0.2), settings(tmp_path / "split", max_steps=7, **common))
+    resumed = Trainer.resume(tmp_path / "split", epoch_data, TEST_DATA)
+    resumed.fit()
+    assert_same_weights(full.ema_model, resumed.ema_model)
+    assert [row["ema_test_error"] for row in read_metrics(tmp_path / "split" / "metrics.csv")] == [
+        row["ema_test_error"] for row in read_metrics(tmp_path / "full" / "metrics.csv")
+    ]
+
+
+def test_moving_average_settings_are_checked(tmp_path):
+    for bad in (1.0, -0.1, "0.9"):
+        with pytest.raises(ValueError, match=r"ema_decay must be a number in \[0, 1\)"):
+            TrainConfig(ema_decay=bad)
+    fit(make_model(), settings(tmp_path, max_steps=3))
+    with pytest.raises(ValueError, match=r"cannot resume with different settings \(ema_decay: 0.0 -> 0.9\)"):
+        fit(make_model(), settings(tmp_path, ema_decay=0.9, resume=True))
+
+
+def test_runs_from_before_the_moving_average_still_resume(tmp_path):
+    fit(make_model(), settings(tmp_path, max_steps=3))
+    path = tmp_path / "checkpoints" / "last.safetensors"
+    checkpoint = load_checkpoint(path)
+    # Rewrite the checkpoint as an older stnkit wrote it: no ema_decay setting, no ema_state.
+    state = dict(checkpoint.trainer_state)
+    del state["train_config"]["ema_decay"], state["ema_state"]
+    old = Trainer(make_model(), None, epoch_data, TEST_DATA, settings(None))
+    old.model.load_state_dict(checkpoint.model_state)
+    old.optimizer.load_state_dict(checkpoint.optimizer_state)
+    save_checkpoint(path, old.model, optimizer=old.optimizer, trainer_state=state)
+    resumed = Trainer.resume(tmp_path, epoch_data, TEST_DATA)
+    assert resumed.config.ema_decay == 0.0 and resumed.fit().steps == 18

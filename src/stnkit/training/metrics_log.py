@@ -6,8 +6,9 @@ Columns (see :data:`METRICS_COLUMNS`): ``step`` (optimizer steps so far),
 and ``val_error`` (fractions; ``val_error`` empty without validation data),
 ``lr`` (base learning rate), ``images_per_s`` (training throughput since the
 previous row), ``time`` (seconds since the run started, summed over
-resumed sessions) and ``skipped_steps`` (steps skipped so far because the loss
-was not finite). Each row is flushed as soon as
+resumed sessions), ``skipped_steps`` (steps skipped so far because the loss
+was not finite) and ``ema_test_error`` (test error of the weights' moving
+average; empty unless the run keeps one). Each row is flushed as soon as
 it is written, so the file is useful while training is still running.
 """
 
@@ -33,6 +34,7 @@ METRICS_COLUMNS: tuple[str, ...] = (
     "images_per_s",
     "time",
     "skipped_steps",
+    "ema_test_error",
 )
 _INTEGER_COLUMNS = {"step", "epoch", "skipped_steps"}
 

@@ -55,6 +55,7 @@ def plot_learning_curve(
     loss_points = [(row["step"], row["train_loss"]) for row in rows if row.get("train_loss") is not None]
     error_points = [(row["step"], 100.0 * row["test_error"]) for row in rows if row.get("test_error") is not None]
     val_points = [(row["step"], 100.0 * row["val_error"]) for row in rows if row.get("val_error") is not None]
+    ema_points = [(row["step"], 100.0 * row["ema_test_error"]) for row in rows if row.get("ema_test_error") is not None]
     train_error_points = [
         (row["step"], 100.0 * (1.0 - row["train_acc"])) for row in rows if row.get("train_acc") is not None
     ]
@@ -66,6 +67,8 @@ def plot_learning_curve(
         error_axes.plot(*zip(*val_points), color="tab:green", marker=".", label="validation")
     if error_points:
         error_axes.plot(*zip(*error_points), color="tab:red", marker=".", label="test")
+    if ema_points:
+        error_axes.plot(*zip(*ema_points), color="tab:purple", marker=".", label="test, weight average")
     loss_axes.set(xlabel="step", ylabel="training loss", title="loss")
     error_axes.set(xlabel="step", ylabel="error (%)", title="error")
     if train_error_points or error_points:

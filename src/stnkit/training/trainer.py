@@ -74,6 +74,7 @@ EpochDataFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.safetensors"
 BEST_CHECKPOINT = Path("checkpoints") / "best.safetensors"
+EMA_CHECKPOINT = Path("checkpoints") / "ema.safetensors"
 METRICS_FILE = "metrics.csv"
 CURVE_FILE = "learning_curve.png"
 
@@ -91,7 +92,10 @@ _RUN_DEFINING = (
     "lr_gamma",
     "seed",
     "max_grad_norm",
+    "ema_decay",
 )
+# Run-defining settings added later, with the value that older checkpoints (which lack them) ran with.
+_ADDED_LATER = {"ema_decay": 0.0}
 
 
 @dataclass
@@ -160,6 +164,13 @@ class TrainConfig:
     tensorboard : bool
         Also write every metrics row to ``out_dir/tb`` for TensorBoard (needs
         the ``tensorboard`` package; without it a warning and CSV only).
+    ema_decay : float
+        Also keep an exponential moving average of the weights (and float
+        buffers), updated after every optimizer step with this decay (0: off).
+        Early steps use ``min(ema_decay, (1 + step) / (10 + step))`` so the
+        average is not dominated by the initial weights. Its test error is
+        logged as ``ema_test_error`` and it is written, as a plain model
+        checkpoint, to ``checkpoints/ema.safetensors``. Not in the ST paper.
 
     Notes
     -----
@@ -197,6 +208,7 @@ class TrainConfig:
     overwrite: bool = False
     amp: str = "off"
     tensorboard: bool = False
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         self.lr_steps = tuple(self.lr_steps)
@@ -224,6 +236,8 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues a run, overwrite replaces it")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise ValueError(f"ema_decay must be a number in [0, 1) (0: no moving average), got {self.ema_decay!r}")
         if self.amp not in ("off", "bf16", "fp16"):
             raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
 
@@ -373,6 +387,8 @@ class Trainer:
         self.dist = setup_distributed(resolve_device(self.config.device))
         self.device = self.dist.device_for(resolve_device(self.config.device))
         self.model = model.to(self.device)
+        # The moving average is a copy taken before the collapse guard hooks the model.
+        self.ema_model = _frozen_copy(self.model) if self.config.ema_decay > 0 else None
         self._train_model = self.dist.wrap(self.model, self.device)
         self._amp_dtype, self._scaler = mixed_precision(self.config.amp, self.device)
         self._tensorboard: Any = None
@@ -593,10 +609,24 @@ class Trainer:
             self._scaler.step(self.optimizer)
             self._scaler.update()
         self.consecutive_nonfinite = 0
+        self._update_ema()
         self._window.loss_sum += mean_loss * global_count
         self._window.correct += int(correct)
         self._window.count += global_count
         self._window.seconds += time.perf_counter() - started
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema_model is None:
+            return
+        # self.step counts the steps before this one; the warm-up keeps early averages near the current weights.
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        averaged = self.ema_model.state_dict()
+        for name, value in self.model.state_dict().items():
+            if value.is_floating_point():
+                averaged[name].lerp_(value, 1.0 - decay)
+            else:
+                averaged[name].copy_(value)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to ``config.amp``'s dtype on the training device (a no-op with ``amp="off"``)."""
@@ -634,11 +664,11 @@ class Trainer:
             if buffer.is_floating_point() and not torch.isfinite(buffer).all() and name in good_state:
                 buffer.copy_(good_state[name])
 
-    def _error_on(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _error_on(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> float:
         # Each rank evaluates its slice; the wrong counts are summed.
         shard_x, shard_y = self.dist.shard(x, y)
         with self._autocast():
-            error = evaluate(self.model, shard_x, shard_y, self.config.eval_batch_size, device=self.device) if len(shard_y) else 0.0
+            error = evaluate(self.model if model is None else model, shard_x, shard_y, self.config.eval_batch_size, device=self.device) if len(shard_y) else 0.0
         if self.dist.enabled:
             wrong = self.dist.all_reduce_sum(torch.tensor([round(error * len(shard_y))], device=self.device))
             error = int(wrong.item()) / len(y)
@@ -648,6 +678,7 @@ class Trainer:
         self.test_error = self._error_on(self.test_x, self.test_y)
         if self.val_y is not None:
             self.val_error = self._error_on(self.val_x, self.val_y)
+        ema_test_error = None if self.ema_model is None else self._error_on(self.test_x, self.test_y, self.ema_model)
         self._last_eval_step = self.step
         # With validation data, it alone picks the best model; the test set is only watched.
         selection_error, best_so_far = (
@@ -672,6 +703,7 @@ class Trainer:
                 "images_per_s": window.count / window.seconds if window.seconds > 0 else None,
                 "time": round(self._elapsed_now(), 3),
                 "skipped_steps": self.skipped_steps,
+                "ema_test_error": ema_test_error,
             }
             self._metrics.append(row)
             if self._tensorboard is not None:
@@ -720,7 +752,7 @@ class Trainer:
             if not last.exists():
                 raise FileNotFoundError(f"{out_dir}: nothing to resume: no {LAST_CHECKPOINT} in it")
             return
-        run_files = [out_dir / name for name in (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_FILE, CURVE_FILE)]
+        run_files = [out_dir / name for name in (LAST_CHECKPOINT, BEST_CHECKPOINT, EMA_CHECKPOINT, METRICS_FILE, CURVE_FILE)]
         existing = [path for path in run_files if path.exists()]
         if existing and not config.overwrite:
             names = ", ".join(str(path.relative_to(out_dir)) for path in existing)
@@ -752,6 +784,7 @@ class Trainer:
             "rng": capture_rng_state(),
             "train_config": self.config.to_dict(),
             "run_info": self.run_info,
+            "ema_state": None if self.ema_model is None else self.ema_model.state_dict(),
         }
 
     def _save_last(self) -> None:
@@ -764,6 +797,10 @@ class Trainer:
                 optimizer=self.optimizer,
                 trainer_state=self._trainer_state(),
             )
+            if self.ema_model is not None:
+                ema_state = {"step": self.step, "epoch": self.epoch, "ema_decay": self.config.ema_decay,
+                             "train_config": self.config.to_dict(), "run_info": self.run_info}
+                save_checkpoint(self.out_dir / EMA_CHECKPOINT, self.ema_model, self.model_config, trainer_state=ema_state)
 
     def _load_last(self) -> dict[str, Any]:
         """Load ``last.safetensors`` into the model, optimizer and counters; return its RNG states."""
@@ -775,8 +812,8 @@ class Trainer:
         if checkpoint.config != self.model_config:
             raise ValueError(f"{path}: the run's model config {checkpoint.config} differs from this model's {self.model_config}")
         current = self.config.to_dict()
-        changed = [f"{key}: {state['train_config'].get(key)!r} -> {current[key]!r}" for key in _RUN_DEFINING
-                   if state["train_config"].get(key) != current[key]]
+        saved = {**_ADDED_LATER, **state["train_config"]}
+        changed = [f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in _RUN_DEFINING if saved.get(key) != current[key]]
         if self.config.lr_schedule == "cosine" and state["train_config"].get("epochs") != current["epochs"]:
             changed.append(f"epochs (sets the cosine schedule): {state['train_config'].get('epochs')!r} -> {current['epochs']!r}")
         if changed:
@@ -784,6 +821,8 @@ class Trainer:
         try:
             self.model.load_state_dict(checkpoint.model_state)
             self.optimizer.load_state_dict(checkpoint.optimizer_state)
+            if self.ema_model is not None:
+                self.ema_model.load_state_dict(state["ema_state"])
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"{path}: does not fit this model/optimizer: {str(exc).splitlines()[0]}") from None
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
@@ -948,6 +987,14 @@ def _derived_seed(seed: int, *parts: Any) -> int:
 
 def _generator(seed: int, *parts: Any) -> torch.Generator:
     return torch.Generator().manual_seed(_derived_seed(seed, *parts))
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode whose parameters take no gradients (for a moving average)."""
+    copied = copy.deepcopy(model).eval()
+    for parameter in copied.parameters():
+        parameter.requires_grad_(False)
+    return copied
 
 
 def _logits(output: Any) -> torch.Tensor:
