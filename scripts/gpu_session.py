@@ -64,6 +64,10 @@ JOBS: dict[str, tuple[str, str, str, list[str]]] = {
     "rotated-rotation-drop": ("rotated", "st-cnn", "rotation", ["--dropout", "0.25"]),
     # two transformer rounds from the start, for R: RESULTS.md §1, tenth session
     "rotated-affine-drop-it2": ("rotated", "st-cnn", "affine", ["--dropout", "0.25", "--iterations", "2"]),
+    # ...and with a moving average of the weights (checkpoints/ema.safetensors), not in the paper.
+    "rotated-affine-drop-it2-ema": ("rotated", "st-cnn", "affine", ["--dropout", "0.25", "--iterations", "2", "--ema-decay", "0.9995"]),
+    "rts-affine-drop-wd-it2-ema": ("rts", "st-cnn", "affine",
+                                   ["--dropout", "0.25", "--weight-decay", "1e-4", "--iterations", "2", "--ema-decay", "0.9995"]),
 }
 # One job per cell by default, each the best recipe measured on the CPU (RESULTS.md §1); the
 # other variants run only when --jobs names them.
