@@ -230,6 +230,25 @@ def test_cli_ema_decay_writes_an_evaluable_average(tmp_path, capsys):
     assert code == 1 and "ema_decay must be a number in [0, 1)" in err and len(err.strip().splitlines()) == 1
 
 
+def test_cli_eval_iterations_sets_the_transformer_rounds(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", *small_rotated_run(run), "--epochs", "1", "--model", "st-cnn"], capsys)
+    assert code == 0, err
+    last = str(run / "checkpoints" / "last.safetensors")
+    evaluate_args = ["eval", last, "--task", "rotated", "--digit-sample", "--test-limit", "32", "--json"]
+    code, stdout, err = run_cli([*evaluate_args, "--iterations", "3"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["iterations"] == 3
+    code, _, err = run_cli([*evaluate_args, "--iterations", "0"], capsys)
+    assert code == 1 and "--iterations must be a positive integer, got 0" in err
+    code, _, err = run_cli(["train", "--task", "rotated", "--digit-sample", "--train-limit", "64", "--test-limit", "32",
+                            "--epochs", "1", "--model", "cnn", "--no-progress", "--out", str(tmp_path / "cnn")], capsys)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(["eval", str(tmp_path / "cnn" / "checkpoints" / "last.safetensors"), "--task", "rotated",
+                            "--digit-sample", "--iterations", "2"], capsys)  # fmt: skip
+    assert code == 1 and "no spatial transformer" in err
+
+
 def test_cli_val_size_holds_digits_out_and_picks_best(tmp_path, capsys):
     run = tmp_path / "run"
     common = small_rotated_run(run)

@@ -11,6 +11,7 @@ import torch
 from ..models import load_model
 from ..training.trainer import evaluate
 from ._options import data_options, limit, task_splits
+from .main import CLIError
 
 
 @click.command(context_settings={"show_default": True})
@@ -20,10 +21,19 @@ from ._options import data_options, limit, task_splits
 @click.option("--test-limit", type=int, default=None, help="Evaluate on only the first N test digits.")
 @click.option("--batch-size", type=int, default=1000)
 @click.option("--device", default="cpu")
+@click.option("--iterations", type=int, default=None,
+              help="Run the spatial transformer this many rounds (same weights) instead of the checkpoint's own count.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")
-def command(checkpoint, task, data_root, digit_sample, test_seed, test_limit, batch_size, device, as_json):
+def command(checkpoint, task, data_root, digit_sample, test_seed, test_limit, batch_size, device, iterations, as_json):
     """Evaluate CHECKPOINT (a path or a shipped model's name, e.g. mnist-rts) on a task's test set."""
     model = load_model(checkpoint, map_location=device)
+    if iterations is not None:
+        transformer = getattr(model, "transformer", None)
+        if transformer is None or not hasattr(transformer, "iterations"):
+            raise CLIError(f"--iterations: {checkpoint} has no spatial transformer whose rounds can be set")
+        if iterations < 1:
+            raise CLIError(f"--iterations must be a positive integer, got {iterations}")
+        transformer.iterations = iterations
     _, test = task_splits(task, data_root, digit_sample, test_seed=test_seed)
     x, y = limit(*test.epoch(0), test_limit)
     started = time.perf_counter()
@@ -31,6 +41,7 @@ def command(checkpoint, task, data_root, digit_sample, test_seed, test_limit, ba
         error = evaluate(model, x, y, batch_size=batch_size, device=device)
     seconds = time.perf_counter() - started
     if as_json:
-        click.echo(json.dumps({"checkpoint": str(checkpoint), "task": task, "test_seed": test_seed, "images": len(y), "test_error": error, "seconds": round(seconds, 3)}))
+        click.echo(json.dumps({"checkpoint": str(checkpoint), "task": task, "test_seed": test_seed, "images": len(y), "test_error": error,
+                                "iterations": getattr(getattr(model, "transformer", None), "iterations", None), "seconds": round(seconds, 3)}))
     else:
         click.echo(f"{checkpoint} on {task} (test seed {test_seed}, {len(y)} images): test error {100 * error:.2f}%")
