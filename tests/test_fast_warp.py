@@ -118,6 +118,12 @@ def test_tensors_and_many_channels():
 @pytest.mark.parametrize("padding_mode", PADDINGS)
 def test_planar_tensor_path_equals_the_array_path(dtype, channels, family, padding_mode):
     # Tensors are warped plane by plane (no interleaving copies); the result must not depend on the layout.
+    # OpenCV 5's float32 kernels for 3 and 4+ channels differ from the 1-channel one by an ulp (values
+    # ~2e-7 relative, and the source coordinates too, so a nearest-neighbour pick that sits exactly on
+    # a rounding tie may flip to its neighbour). Floats are therefore compared to a few ulps of the
+    # data's range (0..200), uint8 to one grey level, and nearest may flip at most 0.1% of pixels;
+    # anything layout-dependent beyond that is a bug.
+    atol = {np.uint8: 1, np.float32: 200 * 1e-6, np.float64: 200 * 1e-12}[dtype]
     array = (smooth_images(1, channels, 40, 52)[0].permute(1, 2, 0).numpy() * 200).astype(dtype)
     tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
     theta = torch.tensor(THETAS[family])
@@ -126,7 +132,11 @@ def test_planar_tensor_path_equals_the_array_path(dtype, channels, family, paddi
         options = dict(theta=theta, transform=family, out_size=OUT, mode=mode, padding_mode=padding_mode, fill_value=fill)
         from_array, from_tensor = warp_image(array, **options), warp_image(tensor, **options)
         assert from_tensor.dtype == tensor.dtype and from_tensor.shape == (channels, *OUT)
-        np.testing.assert_array_equal(from_tensor.numpy().transpose(1, 2, 0), from_array.reshape(*OUT, channels))
+        got = from_tensor.numpy().transpose(1, 2, 0).astype(np.float64)
+        want = from_array.reshape(*OUT, channels).astype(np.float64)
+        differs = (np.abs(got - want) > atol).any(axis=-1)
+        allowed = int(0.001 * differs.size) if mode == "nearest" else 0
+        assert differs.sum() <= allowed, f"{mode}: {differs.sum()} pixels differ by more than {atol}"
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
