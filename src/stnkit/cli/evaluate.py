@@ -27,8 +27,8 @@ from .main import CLIError
 def command(checkpoint, task, data_root, digit_sample, test_seed, test_limit, batch_size, device, iterations, as_json):
     """Evaluate CHECKPOINT (a path or a shipped model's name, e.g. mnist-rts) on a task's test set."""
     model = load_model(checkpoint, map_location=device)
+    transformer = getattr(model, "transformer", None)
     if iterations is not None:
-        transformer = getattr(model, "transformer", None)
         if transformer is None or not hasattr(transformer, "iterations"):
             raise CLIError(f"--iterations: {checkpoint} has no spatial transformer whose rounds can be set")
         if iterations < 1:
@@ -42,6 +42,6 @@ def command(checkpoint, task, data_root, digit_sample, test_seed, test_limit, ba
     seconds = time.perf_counter() - started
     if as_json:
         click.echo(json.dumps({"checkpoint": str(checkpoint), "task": task, "test_seed": test_seed, "images": len(y), "test_error": error,
-                                "iterations": getattr(getattr(model, "transformer", None), "iterations", None), "seconds": round(seconds, 3)}))
+                                "iterations": getattr(transformer, "iterations", None), "seconds": round(seconds, 3)}))
     else:
         click.echo(f"{checkpoint} on {task} (test seed {test_seed}, {len(y)} images): test error {100 * error:.2f}%")

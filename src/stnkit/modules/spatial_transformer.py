@@ -118,13 +118,22 @@ class SpatialTransformer(nn.Module):
             transform = getattr(localisation, "transform", None)
             if transform is None:
                 raise ValueError("give transform=, or a localisation net that has a .transform attribute")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
         self.localisation = localisation
         self.warp = Warp(transform, out_size, mode, padding_mode, fill_value)
         self.loc_size = None if loc_size is None else check_size(loc_size, "loc_size")
         self.iterations = iterations
         self.last_theta: Tensor | None = None
+
+    @property
+    def iterations(self) -> int:
+        """Refinement rounds; checked on every assignment, since CLIs change it on loaded models."""
+        return self._iterations
+
+    @iterations.setter
+    def iterations(self, iterations: int) -> None:
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+        self._iterations = iterations
 
     @property
     def transform(self) -> Transform:
