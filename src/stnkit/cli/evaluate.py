@@ -21,7 +21,7 @@ from .main import CLIError
 @click.option("--test-limit", type=int, default=None, help="Evaluate on only the first N test digits.")
 @click.option("--batch-size", type=int, default=1000)
 @click.option("--device", default="cpu")
-@click.option("--iterations", type=int, default=None,
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
               help="Run the spatial transformer this many rounds (same weights) instead of the checkpoint's own count.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")
 def command(checkpoint, task, data_root, digit_sample, test_seed, test_limit, batch_size, device, iterations, as_json):
@@ -31,8 +31,6 @@ def command(checkpoint, task, data_root, digit_sample, test_seed, test_limit, ba
     if iterations is not None:
         if transformer is None or not hasattr(transformer, "iterations"):
             raise CLIError(f"--iterations: {checkpoint} has no spatial transformer whose rounds can be set")
-        if iterations < 1:
-            raise CLIError(f"--iterations must be a positive integer, got {iterations}")
         transformer.iterations = iterations
     _, test = task_splits(task, data_root, digit_sample, test_seed=test_seed)
     x, y = limit(*test.epoch(0), test_limit)
