@@ -240,7 +240,7 @@ def test_cli_eval_iterations_sets_the_transformer_rounds(tmp_path, capsys):
     assert code == 0, err
     assert json.loads(stdout)["iterations"] == 3
     code, _, err = run_cli([*evaluate_args, "--iterations", "0"], capsys)
-    assert code == 2 and "--iterations" in err and "0 is not in the range x>=1" in err  # click's usage error, as train
+    assert code == 2 and "--iterations" in err and "range" in err  # click's usage error, as for train
     code, _, err = run_cli(["train", "--task", "rotated", "--digit-sample", "--train-limit", "64", "--test-limit", "32",
                             "--epochs", "1", "--model", "cnn", "--no-progress", "--out", str(tmp_path / "cnn")], capsys)  # fmt: skip
     assert code == 0, err
