@@ -116,6 +116,11 @@ def test_warp_module_and_bad_arguments():
         Warp("affine", mode="lanczos")
     with pytest.raises(ValueError, match="iterations"):
         SpatialTransformer(FixedStep(), iterations=0)
+    st = SpatialTransformer(FixedStep(), iterations=2)
+    for bad in (0, 1.5, True):  # assigned later, as the CLIs do on loaded models
+        with pytest.raises(ValueError, match="iterations must be a positive integer"):
+            st.iterations = bad
+    assert st.iterations == 2
     with pytest.raises(ValueError, match="transform="):
         SpatialTransformer(nn.Identity())
 
