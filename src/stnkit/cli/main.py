@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-aligner": ("stnkit.cli.train_aligner", "Train an aligner self-supervised on a folder of images."),
     "align": ("stnkit.cli.align", "Align an image (or a folder of images) to a support image."),
     "invariance": ("stnkit.cli.invariance", "Measure how invariant a checkpoint is to a transformation."),
+    "average": ("stnkit.cli.average", "Average the weights of checkpoints of one architecture."),
     "export": ("stnkit.cli.export", "Export a checkpoint to ONNX."),
 }
 

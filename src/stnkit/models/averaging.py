@@ -1,0 +1,108 @@
+"""Average the weights of several checkpoints of one architecture.
+
+Averaging weights, rather than predictions, gives one model that costs what
+one model costs at test time. It works when the checkpoints lie in one basin
+of the loss: snapshots along one training run (stochastic weight averaging,
+Izmailov et al., "Averaging Weights Leads to Wider Optima and Better
+Generalization", 2018), or fine-tunes that started from the same weights
+(Wortsman et al., "Model soups", 2022). Checkpoints trained from different
+random initialisations do not share a basin, and their average is usually
+much worse than either.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .registry import build_model
+
+__all__ = ["average_checkpoints"]
+
+
+def average_checkpoints(
+    paths: Sequence[str | os.PathLike[str]],
+    out_path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write the uniform average of the weights of ``paths`` to ``out_path``.
+
+    Floating-point tensors (weights and float buffers) are averaged in
+    float64 and cast back to their dtype; other tensors (integer counters such
+    as BatchNorm's ``num_batches_tracked``) must be equal in every checkpoint.
+    The result is a plain model checkpoint (no optimizer state); its trainer
+    state records the files it was averaged from.
+
+    Parameters
+    ----------
+    paths : sequence of str or PathLike
+        Two or more checkpoint files written by
+        :func:`~stnkit.models.save_checkpoint`, all with the same model config.
+    out_path : str or PathLike
+        The checkpoint to write (atomically).
+    overwrite : bool
+        Replace ``out_path`` if it exists; otherwise an existing file is an error.
+
+    Returns
+    -------
+    Path
+        The path written.
+
+    Raises
+    ------
+    ValueError
+        Fewer than two checkpoints; a checkpoint whose model config, tensor
+        names, shapes or dtypes differ from the first one's (the message names
+        both files and the difference); integer tensors that differ.
+    FileExistsError
+        ``out_path`` exists and ``overwrite`` is False.
+
+    Examples
+    --------
+    >>> average_checkpoints(["a/ema.safetensors", "b/ema.safetensors"], "soup.safetensors")  # doctest: +SKIP
+    PosixPath('soup.safetensors')
+    """
+    paths = [Path(path) for path in paths]
+    if len(paths) < 2:
+        raise ValueError(f"averaging needs at least two checkpoints, got {len(paths)}")
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"{out_path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+    first = load_checkpoint(paths[0])
+    sums = {name: tensor.to(torch.float64) for name, tensor in first.model_state.items() if tensor.is_floating_point()}
+    for path in paths[1:]:
+        other = load_checkpoint(path)
+        _check_same_model(first, other)
+        for name, tensor in other.model_state.items():
+            if tensor.is_floating_point():
+                sums[name] += tensor.to(torch.float64)
+            elif not torch.equal(tensor, first.model_state[name]):
+                raise ValueError(f"{path}: non-float tensor {name!r} differs from {first.path}'s; it cannot be averaged")
+    averaged = {
+        name: (sums[name] / len(paths)).to(tensor.dtype) if tensor.is_floating_point() else tensor.clone()
+        for name, tensor in first.model_state.items()
+    }
+    model = build_model(first.config)
+    model.load_state_dict(averaged, strict=True)
+    trainer_state = {"averaged_from": [str(path) for path in paths], "average": "uniform"}
+    return save_checkpoint(out_path, model, first.config, trainer_state=trainer_state, overwrite=overwrite)
+
+
+def _check_same_model(first: Checkpoint, other: Checkpoint) -> None:
+    """Raise ``ValueError`` naming both files unless ``other`` has ``first``'s config and tensor layout."""
+    if other.config != first.config:
+        raise ValueError(f"{other.path}: model config {other.config} differs from {first.path}'s {first.config}; "
+                         "only checkpoints of one architecture can be averaged")
+    missing = sorted(set(first.model_state) ^ set(other.model_state))
+    if missing:
+        raise ValueError(f"{other.path}: tensor names differ from {first.path}'s (e.g. {missing[0]!r})")
+    for name, tensor in first.model_state.items():
+        theirs = other.model_state[name]
+        if theirs.shape != tensor.shape or theirs.dtype != tensor.dtype:
+            raise ValueError(f"{other.path}: tensor {name!r} is {theirs.dtype} {tuple(theirs.shape)}, "
+                             f"{first.path} has {tensor.dtype} {tuple(tensor.shape)}")
