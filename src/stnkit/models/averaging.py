@@ -64,8 +64,16 @@ def average_checkpoints(
 
     Examples
     --------
-    >>> average_checkpoints(["a/ema.safetensors", "b/ema.safetensors"], "soup.safetensors")  # doctest: +SKIP
-    PosixPath('soup.safetensors')
+    >>> import tempfile, torch
+    >>> from stnkit.models import classifier, load_checkpoint, save_checkpoint
+    >>> folder = tempfile.mkdtemp()
+    >>> paths = []
+    >>> for seed in (0, 1):
+    ...     _ = torch.manual_seed(seed)
+    ...     paths.append(save_checkpoint(f"{folder}/cnn{seed}.safetensors", classifier("cnn", None, (28, 28))))
+    >>> soup = average_checkpoints(paths, f"{folder}/soup.safetensors")
+    >>> load_checkpoint(soup).trainer_state["averaged_from"] == [str(path) for path in paths]
+    True
     """
     paths = [Path(path) for path in paths]
     if len(paths) < 2:
