@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .registry import build_model
+from .checkpoint import Checkpoint, _model_from_checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = ["average_checkpoints"]
 
@@ -82,7 +81,8 @@ def average_checkpoints(
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
     first = load_checkpoint(paths[0])
-    sums = {name: tensor.to(torch.float64) for name, tensor in first.model_state.items() if tensor.is_floating_point()}
+    # copy=True: a float64 checkpoint would otherwise share its tensors with the running sums.
+    sums = {name: tensor.to(torch.float64, copy=True) for name, tensor in first.model_state.items() if tensor.is_floating_point()}
     for path in paths[1:]:
         other = load_checkpoint(path)
         _check_same_model(first, other)
@@ -95,8 +95,7 @@ def average_checkpoints(
         name: (sums[name] / len(paths)).to(tensor.dtype) if tensor.is_floating_point() else tensor.clone()
         for name, tensor in first.model_state.items()
     }
-    model = build_model(first.config)
-    model.load_state_dict(averaged, strict=True)
+    model = _model_from_checkpoint(Checkpoint(config=first.config, model_state=averaged, path=first.path), "cpu")
     trainer_state = {"averaged_from": [str(path) for path in paths], "average": "uniform"}
     return save_checkpoint(out_path, model, first.config, trainer_state=trainer_state, overwrite=overwrite)
 
