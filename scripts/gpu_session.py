@@ -14,7 +14,14 @@ prepared script rather than a series of commands:
    own epoch time with all jobs running, then trains afresh with as many epochs
    of a single cosine schedule as fit before ``--budget`` runs out. ``--seeds``
    runs every job once per training seed (as ``JOB-sSEED``): one seed's score is
-   not a recipe's (on R, seeds 21 and 22 of one recipe ended at 0.70 and 0.91%).
+   not a recipe's (on R, seeds 21 and 22 of one recipe ended at 0.70 and 0.91%);
+4. with ``--average-copies K``, an averaging phase after the cosine runs (not in the
+   paper): each finished run is fine-tuned K times side by side at a constant
+   learning rate, each copy with its own seed and a moving average of its weights,
+   and the K moving averages are averaged into ``runs/RUN-soup.safetensors``
+   (``stnkit average``). This is the recipe that brought R to 0.68% on the CPU
+   (RESULTS.md §1, fourteenth session); ``--average-share`` sets the part of the
+   training time it gets.
 
 Everything lands in ``--out``: logs, the benchmark tables and each run's folder
 (checkpoints, metrics, learning curve); ``--archive`` packs it all into one file. Score the
@@ -74,6 +81,11 @@ JOBS: dict[str, tuple[str, str, str, list[str]]] = {
 DEFAULT_JOBS = ("rts-affine-drop-wd", "rotated-affine-drop", "projective-projective", "elastic-tps")
 PROBE_EPOCHS = 2
 MAX_EPOCHS = 600
+# The averaging phase's fine-tune (RESULTS.md §1, fourteenth session: R, from a finished two-round run).
+AVERAGE_LR = 5e-4
+AVERAGE_EMA_DECAY = 0.9998
+# Flags a fine-tune from a checkpoint cannot take (the model comes from the checkpoint) or sets itself.
+_NOT_FOR_INIT = {"--dropout": 1, "--iterations": 1, "--ema-decay": 1}
 
 
 def stnkit_command(*args: str) -> list[str]:
@@ -142,13 +154,38 @@ def runs_of(jobs: list[str], seeds: tuple[int, ...] | list[int]) -> dict[str, tu
     return {f"{job}-s{seed}": (job, seed) for job in jobs for seed in seeds}
 
 
+def average_phase_flags(job_flags: list[str], seed: int, copy: int, epochs: int) -> list[str]:
+    """The ``stnkit train`` flags of copy ``copy`` of a job's averaging phase (after ``--init RUN``).
+
+    The job's own flags are kept except those that describe the model, which now comes
+    from the checkpoint, and its moving average, which the phase sets.
+
+    >>> average_phase_flags(["--dropout", "0.25", "--weight-decay", "1e-4", "--iterations", "2"], 21, 1, 30)
+    ['--weight-decay', '1e-4', '--seed', '1121', '--epochs', '30', '--schedule', 'step', '--lr', '0.0005', '--ema-decay', '0.9998']
+    """
+    kept, skip = [], 0
+    for flag in job_flags:
+        if skip:
+            skip -= 1
+        elif flag in _NOT_FOR_INIT:
+            skip = _NOT_FOR_INIT[flag]
+        else:
+            kept.append(flag)
+    return [
+        *kept, "--seed", str(1000 + 100 * copy + seed), "--epochs", str(epochs),
+        "--schedule", "step", "--lr", str(AVERAGE_LR), "--ema-decay", str(AVERAGE_EMA_DECAY),
+    ]  # fmt: skip
+
+
 def train(
     session: Session, runs: Path, env: dict, jobs: list[str], train_limit: int | None, reserve: float, flags: list[str],
-    seeds: tuple[int, ...] | list[int] = SEEDS,
+    seeds: tuple[int, ...] | list[int] = SEEDS, average_copies: int = 0, average_share: float = 0.25,
 ) -> None:
     """Probe the ``jobs`` (names in :data:`JOBS`) for two epochs side by side, then train each afresh with the epochs that fit.
 
-    Every job runs once per training seed in ``seeds`` (see :func:`runs_of`).
+    Every job runs once per training seed in ``seeds`` (see :func:`runs_of`). With
+    ``average_copies`` > 0, ``average_share`` of the time left after the probes goes to
+    the averaging phase (module docstring, step 4).
     """
     planned = runs_of(jobs, seeds)
     # Each job's data generation and evaluation use CPU threads: share the cores out. Left at
@@ -159,12 +196,13 @@ def train(
     limit = ["--train-limit", str(train_limit)] if train_limit else []
     common = ["--device", session.device, "--no-progress", "--checkpoint-every", "100000", *flags]
 
-    def launch(name: str, folder: Path, extra: list[str]) -> subprocess.Popen:
+    def launch(name: str, folder: Path, extra: list[str], job_flags: bool = True) -> subprocess.Popen:
         job, seed = planned[name]
         task, model, transform, flags = JOBS[job]
+        # Later flags win in click, so the averaging phase's --seed/--epochs/--lr override the recipe's.
         command = stnkit_command(
             "train", "--task", task, "--model", model, "--transform", transform, "--out", str(folder / name),
-            *RECIPE, "--seed", str(seed), *flags, *limit, *common, *extra,
+            *RECIPE, "--seed", str(seed), *(flags if job_flags else []), *limit, *common, *extra,
         )  # fmt: skip
         session.say(f"start {name}: {' '.join(command[3:])}")
         log = open(folder / f"{name}.log", "a", encoding="utf-8")
@@ -180,21 +218,61 @@ def train(
         _wait_until(process, session.left() - reserve)
         session.say(f"probe {name}: exit {process.returncode}, {epoch_seconds(probe_dir / name)} s/epoch")
 
-    finals = {}
+    finals, per_epochs = {}, {}
+    # The averaging phase's share is set aside now, so that the cosine runs end in time for it.
+    phase_reserve = average_share * (session.left() - reserve) if average_copies > 0 else 0.0
     for name in planned:
         per_epoch = epoch_seconds(probe_dir / name)
         if per_epoch is None:
             session.say(f"skip {name}: its probe did not finish two epochs (see probe/{name}.log)")
             continue
         # 10% margin and 20 s of start-up; jobs that end early only speed up the others.
-        epochs = int(0.9 * (session.left() - reserve - 20) / per_epoch)
+        epochs = int(0.9 * (session.left() - reserve - phase_reserve - 20) / per_epoch)
         epochs = min(max(epochs, 1), MAX_EPOCHS)
         session.say(f"{name}: {per_epoch:.2f} s/epoch -> {epochs} epochs")
-        finals[name] = launch(name, runs, ["--epochs", str(epochs)])
+        finals[name], per_epochs[name] = launch(name, runs, ["--epochs", str(epochs)]), per_epoch
+    finished = []
     for name, process in finals.items():
-        if not _wait_until(process, session.left() - reserve):
+        if not _wait_until(process, session.left() - reserve - phase_reserve):
             session.say(f"{name}: stopped at the deadline; its last checkpoint is mid-schedule")
         session.say(f"final {name}: exit {process.returncode}")
+        if process.returncode == 0:
+            finished.append(name)
+    if average_copies > 0 and finished:
+        average_phase(session, runs, env, finished, planned, per_epochs, average_copies, reserve, launch)
+
+
+def average_phase(
+    session: Session, runs: Path, env: dict, finished: list[str], planned: dict[str, tuple[str, int]],
+    per_epochs: dict[str, float], copies: int, reserve: float, launch,
+) -> None:
+    """Fine-tune each finished run ``copies`` times side by side, then average the copies' moving averages."""
+    # The probes ran len(planned) jobs side by side; the phase runs len(finished) * copies.
+    crowding = len(finished) * copies / len(planned)
+    started = {}
+    for name in finished:
+        job, seed = planned[name]
+        per_epoch = per_epochs[name] * max(crowding, 1.0)
+        epochs = min(max(int(0.9 * (session.left() - reserve - 40) / per_epoch), 1), MAX_EPOCHS)
+        session.say(f"average {name}: {copies} copies of {epochs} epochs (~{per_epoch:.2f} s/epoch)")
+        for copy in range(copies):
+            copy_name = f"{name}-avg{copy}"
+            planned[copy_name] = (job, seed)
+            extra = ["--init", str(runs / name / "checkpoints" / "last.safetensors"),
+                     *average_phase_flags(JOBS[job][3], seed, copy, epochs)]  # fmt: skip
+            started.setdefault(name, []).append((copy_name, launch(copy_name, runs, extra, job_flags=False)))
+    for name, copies_started in started.items():
+        emas = []
+        for copy_name, process in copies_started:
+            if not _wait_until(process, session.left() - reserve - 20):
+                session.say(f"{copy_name}: stopped at the deadline; its moving average is mid-phase")
+            ema = runs / copy_name / "checkpoints" / "ema.safetensors"
+            session.say(f"average {copy_name}: exit {process.returncode}, {'has' if ema.is_file() else 'no'} {ema.name}")
+            if ema.is_file():
+                emas.append(str(ema))
+        if emas:
+            soup = runs / f"{name}-soup.safetensors"
+            session.run(f"{name}-soup", stnkit_command("average", *emas, "-o", str(soup), "--overwrite"), timeout=60, env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: tests,bench,train")
     parser.add_argument("--jobs", default=",".join(DEFAULT_JOBS), help=f"comma-separated training jobs, some of {', '.join(JOBS)} (default: {', '.join(DEFAULT_JOBS)})")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated training seeds: each job runs once per seed")
+    parser.add_argument("--average-copies", type=int, default=0,
+                        help="fine-tunes per finished run in the averaging phase (0: no phase; R's recipe used 4)")
+    parser.add_argument("--average-share", type=float, default=0.25, help="part of the training time for the averaging phase")
     args = parser.parse_args(argv)
     jobs = list(dict.fromkeys(filter(None, args.jobs.split(","))))
     try:
@@ -215,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if not seeds or min(seeds) < 0:
         parser.error(f"--seeds: expected one or more integers >= 0, got {args.seeds!r}")
+    if args.average_copies < 0 or not 0 < args.average_share < 1:
+        parser.error(f"--average-copies must be >= 0 and --average-share in (0, 1), got {args.average_copies}, {args.average_share}")
     unknown = set(jobs) - set(JOBS)
     if unknown or not jobs:
         named = f"unknown job(s) {', '.join(sorted(unknown))}" if unknown else "no job named"
@@ -264,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.out / "runs"
     runs.mkdir(exist_ok=True)
     if "train" not in skip:
-        train(session, runs, train_env, jobs, args.train_limit, reserve=15, flags=train_flags, seeds=seeds)
+        train(session, runs, train_env, jobs, args.train_limit, reserve=15, flags=train_flags, seeds=seeds,
+              average_copies=args.average_copies, average_share=args.average_share)
     for table in ("warp_gpu.md", "train_speed_gpu.md"):
         if (args.out / table).exists():
             print((args.out / table).read_text(encoding="utf-8"))
