@@ -84,8 +84,9 @@ MAX_EPOCHS = 600
 # The averaging phase's fine-tune (RESULTS.md §1, fourteenth session: R, from a finished two-round run).
 AVERAGE_LR = 5e-4
 AVERAGE_EMA_DECAY = 0.9998
-# Flags a fine-tune from a checkpoint cannot take (the model comes from the checkpoint) or sets itself.
-_NOT_FOR_INIT = {"--dropout": 1, "--iterations": 1, "--ema-decay": 1}
+# Flags (each with one value) a fine-tune from a checkpoint cannot take (the model comes from the
+# checkpoint) or sets itself.
+_NOT_FOR_INIT = {"--dropout", "--iterations", "--ema-decay"}
 
 
 def stnkit_command(*args: str) -> list[str]:
@@ -163,12 +164,12 @@ def average_phase_flags(job_flags: list[str], seed: int, copy: int, epochs: int)
     >>> average_phase_flags(["--dropout", "0.25", "--weight-decay", "1e-4", "--iterations", "2"], 21, 1, 30)
     ['--weight-decay', '1e-4', '--seed', '1121', '--epochs', '30', '--schedule', 'step', '--lr', '0.0005', '--ema-decay', '0.9998']
     """
-    kept, skip = [], 0
+    kept, skip_value = [], False
     for flag in job_flags:
-        if skip:
-            skip -= 1
+        if skip_value:
+            skip_value = False
         elif flag in _NOT_FOR_INIT:
-            skip = _NOT_FOR_INIT[flag]
+            skip_value = True
         else:
             kept.append(flag)
     return [
