@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,16 @@ def test_oracle_alignment_undoes_the_rotation_and_reports(tmp_path):
     assert script.main(["--digit-sample", "--epochs", "1", "--train-limit", "256", "--test-seeds", "0", "--out", str(out)]) == 0
     report = out.read_text(encoding="utf-8")
     assert "| R oracle-aligned, seed 0 |" in report and "| the same test digits undistorted |" in report
+
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the tuned allocator setting needs glibc")
+def test_cpu_step_reports_every_variant_against_plain_conv2d(tmp_path, monkeypatch):
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "cpu_step.md"
+    assert load_script("cpu_step").main(["--quick", "--threads", "1", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text(encoding="utf-8").splitlines() if line.startswith(("| cnn |", "| st-cnn |"))]
+    assert len(rows) == 8  # 2 models x 2 first convolutions x 2 allocator settings
+    # Each model's baseline (nn.Conv2d, glibc's default allocator) is 1.00x by definition.
+    assert [row.split("|")[2:4] for row in rows if row.endswith("| 1.00x |")] == [[" nn.Conv2d ", " glibc default "]] * 2

@@ -14,6 +14,8 @@ CASES = [  # (in_channels, kernel, stride, padding, bias)
     (1, (9, 9), 1, 0, True),
     (3, (3, 5), 2, (1, 2), False),
     (4, (3, 3), 1, 1, True),
+    (1, (5, 3), 2, (2, 1), True),  # one channel: the weight gradient's own path, with stride and padding
+    (1, (4, 4), 3, 0, False),  # a stride whose dilated weight-gradient output overhangs the kernel
 ]
 
 
@@ -56,10 +58,15 @@ def test_the_fast_backward_is_used_only_where_it_applies(monkeypatch):
     original = conv_module._InputGradConv2dFunction.apply
     monkeypatch.setattr(conv_module._InputGradConv2dFunction, "apply", lambda *a: calls.append(1) or original(*a))
     conv = InputGradConv2d(1, 4, 3)
-    conv(torch.rand(2, 1, 8, 8))  # no input gradient needed: plain nn.Conv2d
-    assert calls == []
     conv(torch.rand(2, 1, 8, 8, requires_grad=True))
     assert calls == [1]
+    conv(torch.rand(2, 1, 8, 8))  # one channel: the weight gradient alone is worth it (a plain CNN)
+    assert calls == [1, 1]
+    InputGradConv2d(3, 4, 3)(torch.rand(2, 3, 8, 8))  # three channels, no input gradient: plain nn.Conv2d
+    conv.requires_grad_(False)
+    conv(torch.rand(2, 1, 8, 8))  # no gradient needed at all
+    assert calls == [1, 1]
+    conv.requires_grad_(True)
     with torch.no_grad():
         conv(torch.rand(2, 1, 8, 8, requires_grad=True))
     InputGradConv2d(8, 4, 3)(torch.rand(2, 8, 8, 8, requires_grad=True))  # many channels: oneDNN is faster
@@ -67,7 +74,21 @@ def test_the_fast_backward_is_used_only_where_it_applies(monkeypatch):
     InputGradConv2d(1, 4, 3, padding="same")(torch.rand(2, 1, 9, 9, requires_grad=True))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         conv(torch.rand(2, 1, 8, 8, requires_grad=True))
-    assert calls == [1]
+    assert calls == [1, 1]
+
+
+def test_weight_gradient_without_an_input_gradient_matches_conv2d():
+    # The plain CNN's first layer: the input needs no gradient, the weights do.
+    torch.manual_seed(2)
+    reference = nn.Conv2d(1, 6, 9)
+    fast = InputGradConv2d(1, 6, 9)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.rand(7, 1, 42, 42)
+    for module in (reference, fast):
+        out = module(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    torch.testing.assert_close(fast.weight.grad, reference.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.bias.grad, reference.bias.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_st_cnn_uses_it_behind_the_transformer_and_trains_the_localisation():

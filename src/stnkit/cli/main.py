@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """Console-script entry point."""
+    from stnkit.training.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # a process of its own: keeping freed memory makes CPU steps up to 30% faster
     sys.exit(main())
 
 

@@ -1,4 +1,4 @@
-"""A convolution whose input gradient is cheap on the CPU: the first layer after a spatial transformer.
+"""A convolution whose backward pass is cheap on the CPU: the first layer after a spatial transformer.
 
 In an ST-CNN the classifier's first convolution reads the transformer's
 output, so backpropagation needs the gradient with respect to that
@@ -10,13 +10,18 @@ forward convolution, while the im2col path of
 ``aten::_slow_conv2d_backward`` gives the same result in 25 ms. That one
 operator was most of what the transformer added to an ST-CNN training step.
 
+oneDNN's *weight* gradient is slow for one input channel too (62 ms for the
+same layer at batch 128). With one input channel it is a single convolution of
+the images with the output gradients, the batch taking the place of the
+channels, which oneDNN runs in 13 ms: together the two made a training step of
+the RTS ST-CNN 1.5-1.8x faster on a 2-core CPU (``benchmarks/train_speed.py``).
+
 :class:`InputGradConv2d` is an :class:`torch.nn.Conv2d` (same parameters, same
 state-dict keys, same forward) that takes the input gradient from the im2col
-path when that is faster: CPU float32/float64 tensors, at most
-:data:`MAX_IN_CHANNELS` input channels, ``groups=1``, no dilation, zero
-padding, outside autocast. The weight and bias gradients stay with oneDNN.
-Anywhere else, and whenever the input needs no gradient, it is exactly
-``nn.Conv2d``.
+path, and for one input channel the weight gradient from that convolution:
+CPU float32/float64 tensors, at most :data:`MAX_IN_CHANNELS` input channels,
+``groups=1``, no dilation, zero padding, outside autocast. Anywhere else, and
+whenever no gradient it speeds up is needed, it is exactly ``nn.Conv2d``.
 """
 
 from __future__ import annotations
@@ -50,7 +55,11 @@ class _InputGradConv2dFunction(torch.autograd.Function):
             grad_input = torch.ops.aten._slow_conv2d_backward(
                 grad_output, x, weight, kernel, ctx.stride, ctx.padding, (True, False, False)
             )[0]
-        if need_weight or (need_bias and ctx.has_bias):
+        if need_weight and x.shape[1] == 1:
+            grad_weight = _weight_grad_one_channel(grad_output, x, weight, ctx.stride, ctx.padding)
+            if need_bias and ctx.has_bias:
+                grad_bias = grad_output.sum((0, 2, 3))
+        elif need_weight or (need_bias and ctx.has_bias):
             _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
                 grad_output, x, weight, [weight.shape[0]] if ctx.has_bias else None, ctx.stride, ctx.padding,
                 (1, 1), False, (0, 0), 1, (False, bool(need_weight), bool(need_bias and ctx.has_bias)),
@@ -58,15 +67,27 @@ class _InputGradConv2dFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
+def _weight_grad_one_channel(grad_output: Tensor, x: Tensor, weight: Tensor, stride, padding) -> Tensor:
+    # dL/dW[o, 0, i, j] = sum over batch and positions of grad_output[b, o] * x[b, 0] shifted by (i, j):
+    # a convolution of the images (batch as channels) with the output gradients (batch as
+    # channels), one GEMM-shaped call that oneDNN runs several times faster than its own
+    # weight-gradient kernel for one input channel. A stride becomes a dilation of this
+    # convolution, and its output can overhang the kernel by up to stride - 1: cut it off.
+    kernel_h, kernel_w = int(weight.shape[2]), int(weight.shape[3])
+    grad = F.conv2d(x.transpose(0, 1), grad_output.transpose(0, 1), padding=padding, dilation=stride)
+    return grad[:, :, :kernel_h, :kernel_w].transpose(0, 1).contiguous()
+
+
 def _fast_path_applies(x: Tensor, weight: Tensor) -> bool:
     return (
-        x.requires_grad
-        and torch.is_grad_enabled()
+        torch.is_grad_enabled()
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and weight.dtype == x.dtype
         and x.dim() == 4
         and x.shape[1] <= MAX_IN_CHANNELS
+        # The input gradient is faster for up to MAX_IN_CHANNELS channels, the weight gradient for one.
+        and (x.requires_grad or (weight.requires_grad and x.shape[1] == 1))
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )

@@ -1,5 +1,6 @@
 """Training loops: classification (checkpoints, metrics, exact resume) and aligner training."""
 
+from .allocator import tune_cpu_allocator
 from .metrics_log import METRICS_COLUMNS, read_metrics
 from .plots import plot_learning_curve
 from .trainer import TrainConfig, Trainer, TrainResult, evaluate, learning_rate_at, seed_everything
@@ -14,4 +15,5 @@ __all__ = [
     "evaluate",
     "learning_rate_at",
     "seed_everything",
+    "tune_cpu_allocator",
 ]
