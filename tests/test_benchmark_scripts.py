@@ -84,6 +84,23 @@ def test_oracle_alignment_undoes_the_rotation_and_reports(tmp_path):
 
 
 
+@pytest.mark.parametrize("zoom", [1.0, 1.5])
+def test_oracle_alignment_undoes_rts_into_the_centred_frame(zoom):
+    script = load_script("oracle_alignment")
+    images, _ = stnkit.data.digits.load_digit_sample("test")
+    reference = script.reference_digits(images[:200], "rts", zoom)
+    assert reference.shape == (200, 1, 42, 42)
+    if zoom == 1.0:  # the 28x28 digit padded by 7 pixels, as the invariance sweeps place it
+        from stnkit.evaluation.invariance import canvas_digits
+
+        torch.testing.assert_close(reference, canvas_digits(images[:200], 42), atol=1e-5, rtol=0)
+    distorted = stnkit.data.distort(images[:200], "rts", 4)
+    aligned = script.oracle_aligned(images[:200], 4, "rts", zoom)
+    assert (aligned - reference).abs().mean() < 0.2 * (distorted - reference).abs().mean()
+    with pytest.raises(ValueError, match="task"):
+        script.oracle_aligned(images[:4], 4, "projective")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the tuned allocator setting needs glibc")
 def test_cpu_step_reports_every_variant_against_plain_conv2d(tmp_path, monkeypatch):
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
