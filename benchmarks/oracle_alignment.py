@@ -39,6 +39,7 @@ from stnkit.data.digits import load_digit_sample
 from stnkit.data.distortions import MNIST_SIZE, RTS_SIZE, DistortedMNIST, _rotation, distort
 from stnkit.models import classifier
 from stnkit.sampling import warp
+from stnkit.training import tune_cpu_allocator
 from stnkit.training.trainer import TrainConfig, Trainer, evaluate
 from stnkit.transforms import Affine, Rotation
 
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.test_seeds = [int(s) for s in args.test_seeds.split(",")]
+    tune_cpu_allocator()  # as the stnkit command does: the training epochs run 1.2-1.3x faster on the CPU
     text = run(args)
     print(text)
     if args.out:
