@@ -1,4 +1,4 @@
-"""How well could the ST paper's CNN do on R or RTS with a perfect transformer?
+"""How well could the ST paper's CNN do on R, RTS or P with a perfect transformer?
 
 A spatial transformer on R can at best undo each digit's rotation exactly. This
 script builds that "oracle" transformer's output from the generator's own
@@ -14,7 +14,10 @@ is what the double resampling costs.
 With ``--task rts`` the oracle undoes the rotation, the scaling and the
 placement: each digit comes back upright and centred on the 42x42 canvas, at
 ``--zoom`` times its MNIST size (1: 28 px, as ``canvas_digits`` pads it; 1.5 fills
-the canvas). The CNN is then the paper's at 42x42, as in the RTS ST-CNN.
+the canvas). The CNN is then the paper's at 42x42, as in the RTS ST-CNN. With
+``--task projective`` it samples each P digit through the inverse of its own
+homography, back into the 28x28 frame; ink that the warp pushed out of the
+frame stays lost, so this floor includes what P's cropping costs.
 
 Usage::
 
@@ -36,12 +39,12 @@ import torch
 
 from stnkit.data.datasets import load_mnist
 from stnkit.data.digits import load_digit_sample
-from stnkit.data.distortions import MNIST_SIZE, RTS_SIZE, DistortedMNIST, _rotation, distort
+from stnkit.data.distortions import CORNER_SQUARE, MNIST_SIZE, PIXEL_NORM, RTS_SIZE, DistortedMNIST, _rotation, distort
 from stnkit.models import classifier
 from stnkit.sampling import warp
 from stnkit.training import tune_cpu_allocator
 from stnkit.training.trainer import TrainConfig, Trainer, evaluate
-from stnkit.transforms import Affine, Rotation
+from stnkit.transforms import Affine, Projective, Rotation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by a test
 from _machine import cpu_model  # noqa: E402
@@ -50,7 +53,8 @@ from _machine import cpu_model  # noqa: E402
 def oracle_aligned(images: np.ndarray, seed, task: str = "rotated", zoom: float = 1.0) -> torch.Tensor:
     """The ``task`` digits drawn from ``seed``, each warped back by exactly its own distortion (bilinear).
 
-    R: turned back by its angle (28x28). RTS: upright, centred on the 42x42 canvas, ``zoom`` times MNIST size.
+    R: turned back by its angle (28x28). RTS: upright, centred on the 42x42 canvas, ``zoom`` times MNIST
+    size. P: through the inverse homography, into the digit's own 28x28 frame.
     """
     distorted, params = distort(images, task, seed, return_params=True)
     if task == "rotated":
@@ -61,8 +65,16 @@ def oracle_aligned(images: np.ndarray, seed, task: str = "rotated", zoom: float 
         theta, transform = torch.stack((-angle, torch.zeros_like(angle), torch.zeros_like(angle)), 1), Rotation()
     elif task == "rts":
         theta, transform = _rts_oracle_theta(params, zoom), Affine()
+    elif task == "projective":
+        # The generator's backward map sends output corner c to (c + offset) / scale in the digit;
+        # the oracle samples the P image through the inverse homography, back into the digit's frame.
+        # Ink the warp pushed out of the 28x28 frame is lost for good: the oracle cannot restore it.
+        quads = (CORNER_SQUARE + params["corner_offsets_px"] * PIXEL_NORM) / params["scale"][:, None, None]
+        generator = torch.from_numpy((quads - CORNER_SQUARE).reshape(len(images), 8))
+        transform = Projective("corners")
+        theta = transform.inverse(generator).float()
     else:
-        raise ValueError(f"task: expected 'rotated' or 'rts', got {task!r}")
+        raise ValueError(f"task: expected 'rotated', 'rts' or 'projective', got {task!r}")
     return torch.cat([warp(distorted[i : i + 4096], theta[i : i + 4096], transform) for i in range(0, len(images), 4096)])
 
 
@@ -81,9 +93,9 @@ def _rts_oracle_theta(params: dict, zoom: float) -> torch.Tensor:
 
 
 def reference_digits(images: np.ndarray, task: str = "rotated", zoom: float = 1.0) -> torch.Tensor:
-    """The undistorted digits in the oracle's frame: as they are (R), or centred on 42x42 at ``zoom`` (RTS)."""
+    """The undistorted digits in the oracle's frame: as they are (R, P), or centred on 42x42 at ``zoom`` (RTS)."""
     clean = torch.from_numpy(images).float().div(255).unsqueeze(1)
-    if task == "rotated":
+    if task in ("rotated", "projective"):
         return clean
     # Output pixel p of the 42x42 canvas shows MNIST pixel c28 + (p - c42) / zoom.
     c28, c42 = (MNIST_SIZE - 1) / 2.0, (RTS_SIZE - 1) / 2.0
@@ -128,7 +140,7 @@ def run(args: argparse.Namespace) -> str:
     errors = {seed: 100 * evaluate(model, watched if seed == 0 else test_set(seed), y_test) for seed in args.test_seeds}
     clean_error = 100 * evaluate(model, clean, y_test)
     train_error = 100 * evaluate(model, *epoch_data(args.epochs - 1))
-    name = {"rotated": "R", "rts": "RTS"}[args.task]
+    name = {"rotated": "R", "rts": "RTS", "projective": "P"}[args.task]
     zoom = f", the digit {args.zoom:g}x its MNIST size, centred on 42x42" if args.task == "rts" else ""
     lines = [
         f"# {name} with an oracle transformer: the paper's CNN on exactly re-aligned digits", "",
@@ -151,7 +163,7 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", choices=("rotated", "rts"), default="rotated")
+    parser.add_argument("--task", choices=("rotated", "rts", "projective"), default="rotated")
     parser.add_argument("--zoom", type=float, default=1.0, help="RTS: the oracle's digit size, times MNIST's 28 px")
     parser.add_argument("--seed", type=int, default=21, help="training seed")
     parser.add_argument("--epochs", type=int, default=60)

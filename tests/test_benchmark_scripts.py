@@ -98,7 +98,17 @@ def test_oracle_alignment_undoes_rts_into_the_centred_frame(zoom):
     aligned = script.oracle_aligned(images[:200], 4, "rts", zoom)
     assert (aligned - reference).abs().mean() < 0.2 * (distorted - reference).abs().mean()
     with pytest.raises(ValueError, match="task"):
-        script.oracle_aligned(images[:4], 4, "projective")
+        script.oracle_aligned(images[:4], 4, "elastic")
+
+
+def test_oracle_alignment_undoes_the_projective_warp():
+    script = load_script("oracle_alignment")
+    images, _ = stnkit.data.digits.load_digit_sample("test")
+    clean = script.reference_digits(images[:200], "projective")
+    distorted = stnkit.data.distort(images[:200], "projective", 4)
+    aligned = script.oracle_aligned(images[:200], 4, "projective")
+    assert aligned.shape == clean.shape == (200, 1, 28, 28)
+    assert (aligned - clean).abs().mean() < 0.3 * (distorted - clean).abs().mean()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the tuned allocator setting needs glibc")
