@@ -13,8 +13,9 @@ operator was most of what the transformer added to an ST-CNN training step.
 oneDNN's *weight* gradient is slow for one input channel too (62 ms for the
 same layer at batch 128). With one input channel it is a single convolution of
 the images with the output gradients, the batch taking the place of the
-channels, which oneDNN runs in 13 ms: together the two made a training step of
-the RTS ST-CNN 1.5-1.8x faster on a 2-core CPU (``benchmarks/train_speed.py``).
+channels, which oneDNN runs in 13 ms. Against ``nn.Conv2d``, the RTS ST-CNN's
+training step is 1.48x faster on a 2-core CPU, and 1.81x with the allocator
+setting of :func:`stnkit.training.tune_cpu_allocator` (``benchmarks/cpu_step.py``).
 
 :class:`InputGradConv2d` is an :class:`torch.nn.Conv2d` (same parameters, same
 state-dict keys, same forward) that takes the input gradient from the im2col
