@@ -197,8 +197,11 @@ def train(
     limit = ["--train-limit", str(train_limit)] if train_limit else []
     common = ["--device", session.device, "--no-progress", "--checkpoint-every", "100000", *flags]
 
-    def launch(name: str, folder: Path, extra: list[str], job_flags: bool = True) -> subprocess.Popen:
-        job, seed = planned[name]
+    def launch(
+        name: str, folder: Path, extra: list[str], job_flags: bool = True, job_seed: tuple[str, int] | None = None,
+    ) -> subprocess.Popen:
+        # job_seed names the recipe of a run that is not in `planned` (an averaging copy).
+        job, seed = job_seed or planned[name]
         task, model, transform, flags = JOBS[job]
         # Later flags win in click, so the averaging phase's --seed/--epochs/--lr override the recipe's.
         command = stnkit_command(
@@ -258,10 +261,9 @@ def average_phase(
         session.say(f"average {name}: {copies} copies of {epochs} epochs (~{per_epoch:.2f} s/epoch)")
         for copy in range(copies):
             copy_name = f"{name}-avg{copy}"
-            planned[copy_name] = (job, seed)
             extra = ["--init", str(runs / name / "checkpoints" / "last.safetensors"),
                      *average_phase_flags(JOBS[job][3], seed, copy, epochs)]  # fmt: skip
-            started.setdefault(name, []).append((copy_name, launch(copy_name, runs, extra, job_flags=False)))
+            started.setdefault(name, []).append((copy_name, launch(copy_name, runs, extra, job_flags=False, job_seed=(job, seed))))
     for name, copies_started in started.items():
         emas = []
         for copy_name, process in copies_started:
