@@ -43,6 +43,7 @@ from stnkit.data import DistortedMNIST
 from stnkit.data.digits import load_digit_sample
 from stnkit.models.classifiers import classifier
 from stnkit.sampling.fused import kernel_status
+from stnkit.training import tune_cpu_allocator
 
 from _machine import cpu_model, load_average, write_report  # benchmarks/ is on sys.path when a script runs
 
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.warmup = 8, 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    # As the stnkit command does, so that the step is what `stnkit train` runs (docs/speed.md).
+    args.allocator = "glibc thresholds raised (tune_cpu_allocator)" if tune_cpu_allocator() else "default"
     torch.manual_seed(0)
     images, labels = load_digit_sample("train")
     x_all, y_all = DistortedMNIST("rts", "train", images=images, labels=labels).epoch(0)
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- **load average (1/5/15 min) before / after**: {load_before} / {load_average()}",
         f"- **software**: Python {platform.python_version()}, torch {torch.__version__}, stnkit {getattr(stnkit, '__version__', '?')}",
         f"- **fused kernel**: {kernel_status()}",
+        f"- **allocator**: {args.allocator}",
         f"- **date**: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "- **command**: python "
         + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
