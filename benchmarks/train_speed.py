@@ -45,7 +45,8 @@ from stnkit.models.classifiers import classifier
 from stnkit.sampling.fused import kernel_status
 from stnkit.training import tune_cpu_allocator
 
-from _machine import cpu_model, load_average, write_report  # benchmarks/ is on sys.path when a script runs
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by a test
+from _machine import cpu_model, load_average, write_report  # noqa: E402
 
 
 class Runner:

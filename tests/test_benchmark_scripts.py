@@ -121,3 +121,18 @@ def test_cpu_step_reports_every_variant_against_plain_conv2d(tmp_path, monkeypat
     assert len(rows) == 8  # 2 models x 2 first convolutions x 2 allocator settings
     # Each model's baseline (nn.Conv2d, glibc's default allocator) is 1.00x by definition.
     assert [row.split("|")[2:4] for row in rows if row.endswith("| 1.00x |")] == [[" nn.Conv2d ", " glibc default "]] * 2
+
+
+def test_train_speed_reports_the_transformer_share_and_the_allocator(tmp_path, capsys):
+    out = tmp_path / "train_speed.md"
+    script = load_script("train_speed")
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--steps", "2", "--warmup", "1", "--batch", "16", "--threads", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = out.read_text(encoding="utf-8")
+    assert "- **allocator**: " in report
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert {"cnn", "st-cnn (fused warp, default)", "st-cnn (grid + grid_sample)"} <= set(rows)
+    assert rows["st-cnn (fused warp, default)"].count("%") == 2  # transformer cost, wall and CPU
