@@ -59,6 +59,23 @@ def test_average_of_copies_round_trips(tmp_path):
         assert torch.equal(original[name], averaged[name]), name
 
 
+def test_float64_checkpoints_average_and_load_in_float64(tmp_path):
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = build_model({"kind": "test-avg-convnet", "channels": 4}).double()
+        paths.append(save_checkpoint(tmp_path / f"m{seed}.safetensors", model))
+    out = average_checkpoints(paths, tmp_path / "avg.safetensors")
+    states = [load_checkpoint(path).model_state for path in paths]
+    averaged = load_checkpoint(out).model_state
+    weight = averaged["0.weight"]
+    assert weight.dtype == torch.float64
+    torch.testing.assert_close(weight, (states[0]["0.weight"] + states[1]["0.weight"]) / 2, rtol=0, atol=1e-15)
+    model = load_model(out)
+    assert next(model.parameters()).dtype == torch.float64
+    assert torch.equal(model.state_dict()["0.weight"], weight)  # not rounded through float32
+
+
 def test_average_errors_name_the_problem(tmp_path):
     a = trained_checkpoint(tmp_path / "a.safetensors", seed=1)
     with pytest.raises(ValueError, match="at least two checkpoints, got 1"):

@@ -269,7 +269,8 @@ def load_model(path_or_name: str | os.PathLike[str], map_location: str | torch.d
     -------
     nn.Module
         The model with its weights loaded (strictly), in eval mode, with its
-        config as ``model.stnkit_config``.
+        config as ``model.stnkit_config``. It is float64 if every floating
+        tensor in the checkpoint is, float32 otherwise.
 
     Raises
     ------
@@ -363,6 +364,12 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 def _model_from_checkpoint(checkpoint: Checkpoint, map_location: str | torch.device) -> nn.Module:
     model = build_model(checkpoint.config)
+    # Models are built in float32. Weights saved all in float64 (a float64 model, or an average of
+    # float64 checkpoints) stay float64 instead of being rounded on load; half-precision weights
+    # still load into float32, where every CPU kernel exists.
+    float_dtypes = {t.dtype for t in checkpoint.model_state.values() if t.is_floating_point()}
+    if float_dtypes == {torch.float64}:
+        model = model.double()
     try:
         model.load_state_dict(checkpoint.model_state, strict=True)
     except RuntimeError as exc:
