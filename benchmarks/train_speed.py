@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     # As the stnkit command does, so that the step is what `stnkit train` runs (docs/speed.md).
-    args.allocator = "glibc thresholds raised (tune_cpu_allocator)" if tune_cpu_allocator() else "default"
+    allocator = "glibc thresholds raised (tune_cpu_allocator)" if tune_cpu_allocator() else "default"
     torch.manual_seed(0)
     images, labels = load_digit_sample("train")
     x_all, y_all = DistortedMNIST("rts", "train", images=images, labels=labels).epoch(0)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- **load average (1/5/15 min) before / after**: {load_before} / {load_average()}",
         f"- **software**: Python {platform.python_version()}, torch {torch.__version__}, stnkit {getattr(stnkit, '__version__', '?')}",
         f"- **fused kernel**: {kernel_status()}",
-        f"- **allocator**: {args.allocator}",
+        f"- **allocator**: {allocator}",
         f"- **date**: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "- **command**: python "
         + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),

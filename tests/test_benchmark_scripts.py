@@ -123,7 +123,7 @@ def test_cpu_step_reports_every_variant_against_plain_conv2d(tmp_path, monkeypat
     assert [row.split("|")[2:4] for row in rows if row.endswith("| 1.00x |")] == [[" nn.Conv2d ", " glibc default "]] * 2
 
 
-def test_train_speed_reports_the_transformer_share_and_the_allocator(tmp_path, capsys):
+def test_train_speed_reports_the_transformer_share_and_the_allocator(tmp_path):
     out = tmp_path / "train_speed.md"
     script = load_script("train_speed")
     threads = torch.get_num_threads()
