@@ -55,6 +55,12 @@ STN_VARIANTS = tuple(name for name in INVARIANCE_VARIANTS if name.startswith("st
 @click.option("--ema-decay", type=float, default=0.0, show_default=True,
               help="Also keep a moving average of the weights with this decay, e.g. 0.999, written to "
                    "OUT/checkpoints/ema.safetensors (0: none, as in the paper).")
+@click.option("--consistency", "consistency_weight", type=float, default=0.0, show_default=True,
+              help="Weight of a consistency loss, not in the paper: the transformer must find the same canonical frame "
+                   "for each digit and for a copy warped by a random similarity (0: off, as in the paper).")
+@click.option("--consistency-rotation", type=float, default=20.0, help="That similarity's rotation range, +- degrees.")
+@click.option("--consistency-scale", type=float, default=0.1, help="Its ln-scale range, +-.")
+@click.option("--consistency-shift", type=float, default=0.1, help="Its shift range, +- normalised units (1: half the image).")
 @click.option("--seed", type=int, default=0)
 @click.option("--test-seed", type=int, default=0, help="Seed of the fixed test set.")
 @click.option("--val-size", type=int, default=0, show_default=True,
@@ -79,7 +85,8 @@ STN_VARIANTS = tuple(name for name in INVARIANCE_VARIANTS if name.startswith("st
 @click.option("--tensorboard", is_flag=True, help="Also write the metrics to OUT/tb for TensorBoard.")
 def command(
     task, data_root, digit_sample, model_name, layer, transform, out_dir, epochs, batch_size, optimizer, lr, momentum,
-    weight_decay, dropout, iterations, jitter_px, loc_lr_scale, schedule, lr_steps, max_grad_norm, ema_decay, seed, test_seed,
+    weight_decay, dropout, iterations, jitter_px, loc_lr_scale, schedule, lr_steps, max_grad_norm, ema_decay,
+    consistency_weight, consistency_rotation, consistency_scale, consistency_shift, seed, test_seed,
     val_size, train_limit, test_limit, checkpoint_every, eval_every, max_steps, device, data_device, init_from, resume,
     overwrite, progress, amp, tensorboard,
 ):
@@ -89,10 +96,10 @@ def command(
         last = out / LAST_CHECKPOINT
         if not last.is_file():
             raise CLIError(f"--resume: no checkpoint at {last}")
-        if dropout or iterations is not None or init_from is not None or jitter_px or val_size or ema_decay:
+        if dropout or iterations is not None or init_from is not None or jitter_px or val_size or ema_decay or consistency_weight:
             # The model and data come from the run's checkpoint as it was saved; these would be silently ignored.
             raise CLIError("--resume continues the run as it was set up; --dropout, --iterations, --init, "
-                           "--jitter-px, --val-size and --ema-decay apply to a new run")
+                           "--jitter-px, --val-size, --ema-decay and --consistency apply to a new run")
         state = load_checkpoint(last).trainer_state or {}
         info = state.get("run_info", {})
         task, data_root, digit_sample, test_seed = info["task"], info["data_root"], info["digit_sample"], info["test_seed"]
@@ -133,7 +140,8 @@ def command(
             batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
             localisation_lr_scale=loc_lr_scale, lr_schedule=schedule, lr_steps=steps, max_grad_norm=max_grad_norm,
             seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, out_dir=out, overwrite=overwrite,
-            ema_decay=ema_decay, **overrides,
+            ema_decay=ema_decay, consistency_weight=consistency_weight, consistency_rotation=consistency_rotation,
+            consistency_scale=consistency_scale, consistency_shift=consistency_shift, **overrides,
         )
         torch.manual_seed(seed)
         if dropout and (init_from is not None or model_name in STN_VARIANTS):

@@ -8,7 +8,9 @@ and ``val_error`` (fractions; ``val_error`` empty without validation data),
 previous row), ``time`` (seconds since the run started, summed over
 resumed sessions), ``skipped_steps`` (steps skipped so far because the loss
 was not finite) and ``ema_test_error`` (test error of the weights' moving
-average; empty unless the run keeps one). Each row is flushed as soon as
+average; empty unless the run keeps one) and ``consistency_loss`` (the
+transformer's consistency loss averaged like ``train_loss``; empty unless the
+run trains with one, see :mod:`stnkit.training.consistency`). Each row is flushed as soon as
 it is written, so the file is useful while training is still running.
 """
 
@@ -35,6 +37,7 @@ METRICS_COLUMNS: tuple[str, ...] = (
     "time",
     "skipped_steps",
     "ema_test_error",
+    "consistency_loss",
 )
 _INTEGER_COLUMNS = {"step", "epoch", "skipped_steps"}
 
@@ -66,7 +69,7 @@ class MetricsLog:
         rows = read_metrics(self.path) if self.path.exists() else []
         if keep_until_step is not None:
             rows = [row for row in rows if row["step"] <= keep_until_step]
-        if not self.path.exists() or keep_until_step is not None:
+        if not self.path.exists() or keep_until_step is not None or _header(self.path) != list(METRICS_COLUMNS):
             # Rewrite via a temp file so a crash here cannot lose the old rows.
             temp = self.path.with_name(f".{self.path.name}.tmp")
             with temp.open("w", newline="") as handle:
@@ -101,6 +104,12 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, float | int | N
         if reader.fieldnames is None or "step" not in reader.fieldnames:
             raise ValueError(f"{path}: not a metrics.csv file (no 'step' column)")
         return [{key: _parsed(key, value) for key, value in row.items() if key is not None} for row in reader]
+
+
+def _header(path: Path) -> list[str]:
+    # A file written before a column was added gets the new header (its rows keep their values).
+    with path.open(newline="") as handle:
+        return next(csv.reader(handle), [])
 
 
 def _formatted(row: Mapping[str, Any]) -> dict[str, str]:

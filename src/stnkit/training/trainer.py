@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from stnkit.models.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from stnkit.models.registry import build_model, resolve_config
 from stnkit.models.registry import model_config as stored_model_config
+from stnkit.training.consistency import consistency_loss, random_similarity
 from stnkit.training.distributed import setup_distributed
 from stnkit.training.guards import CollapseGuard
 from stnkit.training.metrics_log import MetricsLog
@@ -93,9 +94,19 @@ _RUN_DEFINING = (
     "seed",
     "max_grad_norm",
     "ema_decay",
+    "consistency_weight",
+    "consistency_rotation",
+    "consistency_scale",
+    "consistency_shift",
 )
 # Run-defining settings added later, with the value that older checkpoints (which lack them) ran with.
-_ADDED_LATER = {"ema_decay": 0.0}
+_ADDED_LATER = {
+    "ema_decay": 0.0,
+    "consistency_weight": 0.0,
+    "consistency_rotation": 20.0,
+    "consistency_scale": 0.1,
+    "consistency_shift": 0.1,
+}
 
 
 @dataclass
@@ -171,6 +182,15 @@ class TrainConfig:
         average is not dominated by the initial weights. Its test error is
         logged as ``ema_test_error`` and it is written, as a plain model
         checkpoint, to ``checkpoints/ema.safetensors``. Not in the ST paper.
+    consistency_weight : float
+        Add this times :func:`stnkit.training.consistency.consistency_loss` of
+        the model's spatial transformer (``model.transformer``) to every step's
+        loss (0: off): it asks the transformer to find the same canonical frame
+        for each image and for a copy warped by a random similarity. Needs a
+        transform with a matrix; not under torchrun. Not in the ST paper.
+    consistency_rotation, consistency_scale, consistency_shift : float
+        Ranges of that random similarity: degrees, ``ln`` scale and normalised
+        translation (see :func:`stnkit.training.consistency.random_similarity`).
 
     Notes
     -----
@@ -209,6 +229,10 @@ class TrainConfig:
     amp: str = "off"
     tensorboard: bool = False
     ema_decay: float = 0.0
+    consistency_weight: float = 0.0
+    consistency_rotation: float = 20.0
+    consistency_scale: float = 0.1
+    consistency_shift: float = 0.1
 
     def __post_init__(self) -> None:
         self.lr_steps = tuple(self.lr_steps)
@@ -240,6 +264,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be a number in [0, 1) (0: no moving average), got {self.ema_decay!r}")
         if self.amp not in ("off", "bf16", "fp16"):
             raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
+        for name in ("consistency_weight", "consistency_rotation", "consistency_scale", "consistency_shift"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Return the settings as a JSON-serialisable dict.
@@ -321,6 +349,7 @@ class _Window:
     correct: int = 0
     count: int = 0
     seconds: float = 0.0
+    consistency_sum: Any = 0.0  # a tensor while steps add to it, so the device is not waited for
 
 
 class Trainer:
@@ -403,6 +432,7 @@ class Trainer:
         self.guard = (CollapseGuard() if guard is True else guard or None)
         if self.guard is not None:
             self.guard.attach(self.model)
+        self._consistent_transformer = self._check_consistency_setup()
 
         # Position and history of the run; all of it goes into last.safetensors.
         self.epoch = 0
@@ -555,6 +585,15 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), y, reduction="sum") * (self.dist.world_size / global_count)
         else:
             loss = F.cross_entropy(logits.float(), y)
+        consistency = None
+        if self._consistent_transformer is not None:
+            similarity = random_similarity(
+                len(x), tuple(x.shape[-2:]), rotation=self.config.consistency_rotation,
+                scale=self.config.consistency_scale, shift=self.config.consistency_shift, device=x.device,
+            )  # fmt: skip
+            with self._autocast():
+                consistency = consistency_loss(self._consistent_transformer, x, similarity).float()
+            loss = loss + self.config.consistency_weight * consistency
         # A collapsed transform gets the same policy as a non-finite loss (skip, then roll back).
         collapse = self.guard.check(self.step + 1) if self.guard is not None else None
         if self.dist.enabled:
@@ -611,9 +650,33 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self._update_ema()
         self._window.loss_sum += mean_loss * global_count
+        if consistency is not None:
+            self._window.consistency_sum = self._window.consistency_sum + consistency.detach() * global_count
         self._window.correct += int(correct)
         self._window.count += global_count
         self._window.seconds += time.perf_counter() - started
+
+    def _check_consistency_setup(self) -> nn.Module | None:
+        """The spatial transformer the consistency loss trains (None when the loss is off)."""
+        if self.config.consistency_weight == 0:
+            return None
+        from stnkit.modules import SpatialTransformer
+        from stnkit.transforms import MatrixTransform
+
+        transformer = getattr(self.model, "transformer", None)
+        if not isinstance(transformer, SpatialTransformer):
+            raise ValueError(
+                "consistency_weight > 0 needs a model with a spatial transformer in front (model.transformer), "
+                f"got {type(self.model).__name__} with transformer={type(transformer).__name__}"
+            )
+        if not isinstance(transformer.transform, MatrixTransform):
+            raise ValueError(
+                "consistency_weight > 0 needs a transform with a matrix (affine, projective, similarity, ...), "
+                f"got {transformer.transform.name!r}"
+            )
+        if self.dist.enabled:
+            raise ValueError("consistency_weight > 0 is not supported under torchrun (it bypasses DDP's forward)")
+        return transformer
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -704,6 +767,8 @@ class Trainer:
                 "time": round(self._elapsed_now(), 3),
                 "skipped_steps": self.skipped_steps,
                 "ema_test_error": ema_test_error,
+                "consistency_loss": (float(window.consistency_sum) / window.count
+                                     if self._consistent_transformer is not None and window.count else None),
             }
             self._metrics.append(row)
             if self._tensorboard is not None:
@@ -780,7 +845,7 @@ class Trainer:
             "localisation_lr_factor": self.localisation_lr_factor,
             "elapsed": self._elapsed_now(),
             "last_eval_step": self._last_eval_step,
-            "window": asdict(self._window),
+            "window": {**asdict(self._window), "consistency_sum": float(self._window.consistency_sum)},
             "rng": capture_rng_state(),
             "train_config": self.config.to_dict(),
             "run_info": self.run_info,
