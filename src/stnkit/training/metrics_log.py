@@ -10,7 +10,8 @@ resumed sessions), ``skipped_steps`` (steps skipped so far because the loss
 was not finite) and ``ema_test_error`` (test error of the weights' moving
 average; empty unless the run keeps one) and ``consistency_loss`` (the
 transformer's consistency loss averaged like ``train_loss``; empty unless the
-run trains with one, see :mod:`stnkit.training.consistency`). Each row is flushed as soon as
+run trains with one, see :mod:`stnkit.training.consistency`). ``train_loss`` is
+the loss minimised: with a consistency loss, its weighted term is included. Each row is flushed as soon as
 it is written, so the file is useful while training is still running.
 """
 
