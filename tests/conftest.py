@@ -33,6 +33,15 @@ def smooth_images(batch: int, channels: int, height: int, width: int, dtype=torc
     return out.to(dtype)
 
 
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``stnkit ARGS`` in-process: (exit code, stdout, stderr)."""
+    from stnkit.cli.main import main
+
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture
 def data_root() -> Path:
     """The real-data root from STNKIT_DATA; tests that need it skip with the reason when absent."""

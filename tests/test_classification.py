@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import stnkit
-from stnkit.cli.main import main
 from stnkit.data.digits import load_digit_sample
 from stnkit.data.distortions import DistortedMNIST
 from stnkit.models import MODEL_NAMES, classifier, count_parameters, load_model
 from stnkit.models.checkpoint import load_checkpoint
 from stnkit.training.metrics_log import read_metrics
+
+from conftest import run_cli
 
 
 def test_st_cnn_trains_on_digits_and_starts_at_identity():
@@ -68,12 +69,6 @@ def test_dropout_adds_no_parameters_and_round_trips(tmp_path, name):
     assert not torch.allclose(dropped(x), again(x))  # active in training mode only
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
         classifier(name, "affine", (28, 28), dropout=1.0)
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_train_eval_resume(tmp_path, capsys):

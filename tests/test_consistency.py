@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from stnkit.cli.main import main
 from stnkit.models.classifiers import classifier
 from stnkit.modules import SpatialTransformer
 from stnkit.sampling import warp
@@ -17,6 +16,8 @@ from stnkit.transforms.base import norm_from_pix, normalised_pixel_centres, pix_
 from stnkit.training.consistency import consistency_loss, random_similarity
 from stnkit.training.metrics_log import METRICS_COLUMNS, MetricsLog, read_metrics
 from stnkit.training.trainer import TrainConfig, Trainer
+
+from conftest import run_cli
 
 
 CORNERS = torch.tensor([[-1.0, 1.0, 1.0, -1.0], [-1.0, -1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
@@ -221,12 +222,6 @@ def test_models_it_cannot_train_are_refused():
         TrainConfig(consistency_weight=-1.0)
     with pytest.raises(ValueError, match="consistency_rotation must be a finite number >= 0"):
         TrainConfig(consistency_rotation=math.nan)
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_the_cli_trains_with_it_and_refuses_it_on_resume(tmp_path, capsys):
