@@ -1,6 +1,7 @@
 """Training loops: classification (checkpoints, metrics, exact resume) and aligner training."""
 
 from .allocator import tune_cpu_allocator
+from .consistency import consistency_loss, random_similarity
 from .metrics_log import METRICS_COLUMNS, read_metrics
 from .plots import plot_learning_curve
 from .trainer import TrainConfig, Trainer, TrainResult, evaluate, learning_rate_at, seed_everything
@@ -16,4 +17,6 @@ __all__ = [
     "learning_rate_at",
     "seed_everything",
     "tune_cpu_allocator",
+    "consistency_loss",
+    "random_similarity",
 ]

@@ -104,7 +104,6 @@ def consistency_loss(transformer: SpatialTransformer, x: Tensor, transform_matri
 
     Examples
     --------
-    >>> from stnkit.localisation import fixed_localisation  # doctest: +SKIP
     >>> loss = consistency_loss(model.transformer, x, random_similarity(len(x), x.shape[-2:],
     ...                         rotation=20, scale=0.1, shift=0.1))  # doctest: +SKIP
     """
@@ -121,6 +120,7 @@ def consistency_loss(transformer: SpatialTransformer, x: Tensor, transform_matri
     if not isinstance(transform_matrix, Tensor) or transform_matrix.shape != (batch, 3, 3):
         raise ValueError(f"transform_matrix must be ({batch}, 3, 3), got {getattr(transform_matrix, 'shape', None)}")
     transform_matrix = transform_matrix.to(device=x.device, dtype=x.dtype)
+    # Zero padding: what T brings in from outside the image is blank, as the distortions' own canvas is.
     moved = warp(x, transform_matrix[:, :2, :].reshape(batch, 6), "affine")
     # One localisation pass for both views (the paper's localisation nets have no batch statistics).
     matrices = transformer.transform.matrix(transformer.predict_theta(torch.cat((x, moved)))).to(x.dtype)
