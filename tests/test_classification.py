@@ -260,3 +260,18 @@ def test_cli_val_size_holds_digits_out_and_picks_best(tmp_path, capsys):
     assert load_checkpoint(run / "checkpoints" / "last.safetensors").trainer_state["run_info"]["val_size"] == 100
     code, _, err = run_cli(["train", *common[:-1], str(tmp_path / "bad"), "--val-size", "8000"], capsys)
     assert code == 1 and "--val-size must be 0 or between 1 and 7999" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["eval", "mnist-rts", "--task", "plain", "--digit-sample"],
+        ["figure", "mnist-rts", "--task", "rotated", "--digit-sample", "-o", "{tmp}/fig.png"],
+        ["train", "--init", "mnist-rts", "--task", "rotated", "--digit-sample", "--out", "{tmp}/run", "--epochs", "1"],
+    ],
+    ids=["eval", "figure", "train-init"],
+)
+def test_a_checkpoint_on_a_task_of_another_size_is_refused(tmp_path, capsys, args):
+    code, _, err = run_cli([arg.format(tmp=tmp_path) for arg in args], capsys)
+    assert code != 0 and "takes 42x42 inputs but task" in err and "28x28 images" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists() and not (tmp_path / "fig.png").exists()

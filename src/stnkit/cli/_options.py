@@ -33,6 +33,17 @@ def data_options(function: Callable) -> Callable:
     return function
 
 
+def check_model_fits_task(model: torch.nn.Module, checkpoint: Any, task: str) -> None:
+    """Refuse a checkpoint whose input size is not the task's, before torch fails deep inside the model."""
+    size = get_task(task).size
+    expected = (getattr(model, "stnkit_config", None) or {}).get("in_size")
+    if expected is not None and list(expected) != [size, size]:
+        raise ValueError(
+            f"{checkpoint} takes {expected[0]}x{expected[1]} inputs but task {task} has {size}x{size} images; "
+            "pick the task it was trained on"
+        )
+
+
 def task_splits(
     task: str, data_root: str | None, digit_sample: bool, seed: int = 0, test_seed: int = 0, jitter_px: float = 0.0
 ) -> tuple[DistortedMNIST, DistortedMNIST]:

@@ -10,7 +10,7 @@ import torch
 
 from ..models import load_model
 from ..training.trainer import evaluate
-from ._options import data_options, limit, task_splits
+from ._options import check_model_fits_task, data_options, limit, task_splits
 from .main import CLIError
 
 
@@ -27,6 +27,7 @@ from .main import CLIError
 def command(checkpoint, task, data_root, digit_sample, test_seed, test_limit, batch_size, device, iterations, as_json):
     """Evaluate CHECKPOINT (a path or a shipped model's name, e.g. mnist-rts) on a task's test set."""
     model = load_model(checkpoint, map_location=device)
+    check_model_fits_task(model, checkpoint, task)
     transformer = getattr(model, "transformer", None)
     if iterations is not None:
         if transformer is None or not hasattr(transformer, "iterations"):

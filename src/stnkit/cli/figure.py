@@ -9,7 +9,7 @@ import torch
 
 from ..evaluation.figures import transformer_figure
 from ..models import load_model
-from ._options import data_options, task_splits
+from ._options import check_model_fits_task, data_options, task_splits
 from .main import CLIError
 
 
@@ -41,6 +41,7 @@ def command(checkpoint, task, data_root, digit_sample, out_path, count, test_see
     if not path.parent.is_dir():
         raise CLIError(f"output folder {path.parent} does not exist")
     model = load_model(checkpoint)
+    check_model_fits_task(model, checkpoint, task)
     if not hasattr(model, "transform_input"):
         raise CLIError(f"{checkpoint} is not a classifier checkpoint")
     _, test = task_splits(task, data_root, digit_sample, test_seed=test_seed)

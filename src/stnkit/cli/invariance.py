@@ -21,7 +21,7 @@ from ..data.digits import load_digit_sample
 from ..data.distortions import get_task
 from ..evaluation.invariance import DEFAULT_RANGES, TRANSFORM_KINDS, canvas_digits, measure_invariance
 from ..models import load_model
-from ._options import data_options
+from ._options import check_model_fits_task, data_options
 from .main import CLIError
 
 
@@ -60,10 +60,8 @@ def command(checkpoint, task, data_root, digit_sample, transform, value_range, s
     if batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1, got {batch_size}")
     model = load_model(checkpoint, map_location=device)
+    check_model_fits_task(model, checkpoint, task)
     size = get_task(task).size
-    expected = (getattr(model, "stnkit_config", None) or {}).get("in_size")
-    if expected is not None and list(expected) != [size, size]:
-        raise CLIError(f"{checkpoint} takes {expected[0]}x{expected[1]} inputs but task {task} has {size}x{size} images; pick the task it was trained on")
     images, labels = load_digit_sample("test") if digit_sample else load_mnist("test", data_root)
     x = canvas_digits(images[:count], size)
     y = torch.from_numpy(np.asarray(labels[:count]).astype(np.int64))

@@ -13,7 +13,7 @@ from ..models.checkpoint import load_checkpoint, load_model
 from ..models.classifiers import MODEL_NAMES, classifier, count_parameters
 from ..models.invariance_models import INVARIANCE_VARIANTS, invariance_model
 from ..training.trainer import LAST_CHECKPOINT, TrainConfig, Trainer, resolve_device
-from ._options import data_options, hold_out, limit, run_info, task_splits
+from ._options import check_model_fits_task, data_options, hold_out, limit, run_info, task_splits
 from .main import CLIError
 
 # The STN variants of Finnveden et al. that `--model` accepts. Their plain "cnn" is left out on
@@ -153,6 +153,7 @@ def command(
             model.train()
             if getattr(model, "transform_input", None) is None:
                 raise CLIError(f"--init {init_from}: not a classifier checkpoint")
+            check_model_fits_task(model, f"--init {init_from}", task)
             model_name = model.stnkit_config.get("model", model_name)
             transform = model.stnkit_config.get("transform", transform)
             if iterations is not None:
