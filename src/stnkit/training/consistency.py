@@ -2,9 +2,9 @@
 
 Not in the ST paper. The paper's localisation net learns only from the
 classification loss, and a classifier that copes with some leftover pose gives
-it little reason to remove that pose: the shipped RTS transformer undoes scale
-and position almost fully but leaves most of the rotation to the classifier
-(``benchmarks/RESULTS.md``, eighteenth session). Finnveden, Jansson and
+it little reason to remove that pose: the RTS transformer shipped until the
+eighteenth session undid scale and position almost fully but left most of the
+rotation to the classifier (``benchmarks/RESULTS.md``, eighteenth session). Finnveden, Jansson and
 Lindeberg (2020) measure exactly this as the spread of the canonical frame.
 
 The loss makes that spread a training signal, without labels. Each training
