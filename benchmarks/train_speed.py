@@ -10,8 +10,11 @@ affects them alike; the table reports the median step time of each.
 
 The cost of the transformer is ``1 - t(cnn) / t(st-cnn)``: the share of an ST-CNN
 step that the transformer (localisation net, warp, and the extra backward work it
-causes) takes. The ST-CNN runs twice: with the default warp (the fused kernel,
-:mod:`stnkit.sampling.fused`) and with ``STNKIT_FUSED=0`` (grid + grid_sample).
+causes) takes. The ST-CNN runs three times: with the default warp (the fused kernel,
+:mod:`stnkit.sampling.fused`), with ``STNKIT_FUSED=0`` (grid + grid_sample), and
+with the default warp plus the consistency loss of ``stnkit train --consistency 1``
+(:mod:`stnkit.training.consistency`: a second, randomly warped view for the
+localisation net).
 
 ``--profile`` adds a per-operator breakdown of one ST-CNN step (torch.profiler).
 ``--device cuda`` runs on a GPU (each step synchronised before the clock is read);
@@ -43,7 +46,7 @@ from stnkit.data import DistortedMNIST
 from stnkit.data.digits import load_digit_sample
 from stnkit.models.classifiers import classifier
 from stnkit.sampling.fused import kernel_status
-from stnkit.training import tune_cpu_allocator
+from stnkit.training import consistency_loss, random_similarity, tune_cpu_allocator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by a test
 from _machine import cpu_model, load_average, write_report  # noqa: E402
@@ -52,10 +55,11 @@ from _machine import cpu_model, load_average, write_report  # noqa: E402
 class Runner:
     """One model, its optimiser, and an environment to run its steps in."""
 
-    def __init__(self, name: str, model: torch.nn.Module, fused: bool = True) -> None:
+    def __init__(self, name: str, model: torch.nn.Module, fused: bool = True, consistency: float = 0.0) -> None:
         self.name = name
         self.model = model.train()
         self.fused = fused
+        self.consistency = consistency
         self.optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.times: list[float] = []
         self.cpu_times: list[float] = []
@@ -67,6 +71,10 @@ class Runner:
             wall, cpu = time.perf_counter(), time.process_time()
             self.optimiser.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.model(x), y)
+            if self.consistency:
+                # As stnkit train --consistency W does it, with its default similarity ranges.
+                similarity = random_similarity(len(x), tuple(x.shape[-2:]), rotation=20.0, scale=0.1, shift=0.1, device=x.device)
+                loss = loss + self.consistency * consistency_loss(self.model.transformer, x, similarity)
             loss.backward()
             self.optimiser.step()
             if x.is_cuda:
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         Runner("cnn", classifier("cnn", None, (42, 42)).to(device)),
         Runner("st-cnn (fused warp, default)", classifier("st-cnn", "affine", (42, 42)).to(device), fused=True),
         Runner("st-cnn (grid + grid_sample)", classifier("st-cnn", "affine", (42, 42)).to(device), fused=False),
+        Runner("st-cnn + consistency loss (fused warp)", classifier("st-cnn", "affine", (42, 42)).to(device), consistency=1.0),
     ]
     batches = len(x_all) // args.batch
     load_before = load_average()

@@ -134,5 +134,5 @@ def test_train_speed_reports_the_transformer_share_and_the_allocator(tmp_path):
     report = out.read_text(encoding="utf-8")
     assert "- **allocator**: " in report
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
-    assert {"cnn", "st-cnn (fused warp, default)", "st-cnn (grid + grid_sample)"} <= set(rows)
+    assert {"cnn", "st-cnn (fused warp, default)", "st-cnn (grid + grid_sample)", "st-cnn + consistency loss (fused warp)"} <= set(rows)
     assert rows["st-cnn (fused warp, default)"].count("%") == 2  # transformer cost, wall and CPU
