@@ -75,10 +75,13 @@ JOBS: dict[str, tuple[str, str, str, list[str]]] = {
     "rotated-affine-drop-it2-ema": ("rotated", "st-cnn", "affine", ["--dropout", "0.25", "--iterations", "2", "--ema-decay", "0.9995"]),
     "rts-affine-drop-wd-it2-ema": ("rts", "st-cnn", "affine",
                                    ["--dropout", "0.25", "--weight-decay", "1e-4", "--iterations", "2", "--ema-decay", "0.9995"]),
+    # the consistency loss (not in the paper): RESULTS.md §1, eighteenth session (RTS 0.62% in 100 CPU epochs)
+    "rts-affine-drop-wd-cons": ("rts", "st-cnn", "affine", ["--dropout", "0.25", "--weight-decay", "1e-4", "--consistency", "1"]),
+    "projective-projective-cons": ("projective", "st-cnn", "projective", ["--consistency", "1"]),
 }
 # One job per cell by default, each the best recipe measured on the CPU (RESULTS.md §1); the
 # other variants run only when --jobs names them.
-DEFAULT_JOBS = ("rts-affine-drop-wd", "rotated-affine-drop", "projective-projective", "elastic-tps")
+DEFAULT_JOBS = ("rts-affine-drop-wd-cons", "rotated-affine-drop", "projective-projective", "elastic-tps")
 PROBE_EPOCHS = 2
 MAX_EPOCHS = 600
 # The averaging phase's fine-tune (RESULTS.md §1, fourteenth session: R, from a finished two-round run).

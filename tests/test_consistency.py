@@ -258,3 +258,15 @@ def test_warp_of_the_similarity_moves_content_as_the_matrix_says():
     moved = warp(x, shift[:, :2, :].reshape(1, 6), "affine")
     centroid = lambda image: CentroidLocaliser()(image)[0]  # noqa: E731
     torch.testing.assert_close(centroid(moved), centroid(x) - torch.tensor([0.125, 0.0], dtype=torch.float64))
+
+
+def test_under_bfloat16_autocast_the_loss_stays_float32_and_close():
+    torch.manual_seed(0)
+    transformer = classifier("st-cnn", "affine", (28, 28)).transformer
+    x = torch.rand(8, 1, 28, 28)
+    similarity = random_similarity(8, (28, 28), rotation=20, scale=0.1, shift=0.1, generator=torch.Generator().manual_seed(6))
+    exact = consistency_loss(transformer, x, similarity)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = consistency_loss(transformer, x, similarity)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=0.1, atol=1e-3)

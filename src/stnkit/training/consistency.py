@@ -123,10 +123,15 @@ def consistency_loss(transformer: SpatialTransformer, x: Tensor, transform_matri
     # Zero padding: what T brings in from outside the image is blank, as the distortions' own canvas is.
     moved = warp(x, transform_matrix[:, :2, :].reshape(batch, 6), "affine")
     # One localisation pass for both views (the paper's localisation nets have no batch statistics).
-    matrices = transformer.transform.matrix(transformer.predict_theta(torch.cat((x, moved)))).to(x.dtype)
-    original, through_moved = matrices[:batch], matrices[batch:]
-    relative = torch.linalg.solve(original, transform_matrix @ through_moved)
-    corners = torch.tensor(_CORNERS, dtype=x.dtype, device=x.device)
-    mapped = relative @ corners
-    mapped = mapped[:, :2] / mapped[:, 2:]
-    return (mapped - corners[:2]).square().sum(dim=1).mean()
+    theta = transformer.predict_theta(torch.cat((x, moved)))
+    # The 3x3 algebra in at least float32, also under autocast: a bfloat16 product of near-identity
+    # matrices would drown the small disagreements the loss is about.
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        matrices = transformer.transform.matrix(theta.to(dtype))
+        original, through_moved = matrices[:batch], matrices[batch:]
+        relative = torch.linalg.solve(original, transform_matrix.to(dtype) @ through_moved)
+        corners = torch.tensor(_CORNERS, dtype=dtype, device=x.device)
+        mapped = relative @ corners
+        mapped = mapped[:, :2] / mapped[:, 2:]
+        return (mapped - corners[:2]).square().sum(dim=1).mean()
