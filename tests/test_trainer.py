@@ -360,12 +360,14 @@ def test_runs_from_before_the_moving_average_still_resume(tmp_path):
     fit(make_model(), settings(tmp_path, max_steps=3))
     path = tmp_path / "checkpoints" / "last.safetensors"
     checkpoint = load_checkpoint(path)
-    # Rewrite the checkpoint as an older stnkit wrote it: no ema_decay setting, no ema_state.
+    # Rewrite the checkpoint as an older stnkit wrote it: no ema_decay or consistency settings, no ema_state.
     state = dict(checkpoint.trainer_state)
     del state["train_config"]["ema_decay"], state["ema_state"]
+    for name in ("consistency_weight", "consistency_rotation", "consistency_scale", "consistency_shift"):
+        del state["train_config"][name]
     old = Trainer(make_model(), None, epoch_data, TEST_DATA, settings(None))
     old.model.load_state_dict(checkpoint.model_state)
     old.optimizer.load_state_dict(checkpoint.optimizer_state)
     save_checkpoint(path, old.model, optimizer=old.optimizer, trainer_state=state)
     resumed = Trainer.resume(tmp_path, epoch_data, TEST_DATA)
-    assert resumed.config.ema_decay == 0.0 and resumed.fit().steps == 18
+    assert resumed.config.ema_decay == 0.0 and resumed.config.consistency_weight == 0.0 and resumed.fit().steps == 18
