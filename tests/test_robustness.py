@@ -395,3 +395,15 @@ def test_the_guard_never_touches_theta_in_eval_mode():
     guard.check(step=1)
     with pytest.raises(ValueError, match="theta contains NaN or Inf"):
         model.eval()(torch.rand(2, 1, 12, 12))
+
+
+def test_the_guard_judges_a_localisation_pass_without_a_transformer_forward_at_this_step():
+    # The consistency loss reads theta with predict_theta alone; a NaN there must skip this step.
+    model = classifier("st-fcn", "affine", (12, 12), num_classes=4).train()
+    guard = CollapseGuard().attach(model)
+    with torch.no_grad():
+        model.transformer.localisation.head.linear.weight.fill_(float("nan"))
+    theta = model.transformer.predict_theta(torch.rand(3, 1, 12, 12))
+    assert torch.isfinite(theta).all()  # replaced by the identity
+    assert "NaN/Inf" in guard.check(step=1)
+    assert guard.check(step=2) is None  # counted once, at the step it happened

@@ -248,6 +248,11 @@ class CollapseGuard:
     def check(self, step: int) -> str | None:
         """Judge the forward passes since the last call: a one-line reason when the step must be skipped, else None."""
         pending, self._pending = self._pending, []
+        if self._replaced > 0:
+            # A localisation pass that no transformer forward followed (the consistency loss calls
+            # predict_theta directly): judge its replaced rows at this step, not the next one.
+            pending.append({"blank": 0.0, "std_ratio": 1.0, "nonfinite_theta": self._replaced, "bad_det": 0.0})
+            self._replaced = 0.0
         for stats in pending:
             reason = self._judge(stats)
             if reason is not None:
