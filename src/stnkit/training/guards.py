@@ -145,7 +145,6 @@ class CollapseGuard:
         self.events: list[GuardEvent] = []
         self._pending: list[dict[str, float]] = []
         self._handles: list[Any] = []
-        self._replaced = 0.0  # fraction of theta rows replaced in the current forward pass
 
     # ------------------------------------------------------------ wiring
     def attach(self, model: nn.Module) -> CollapseGuard:
@@ -182,7 +181,9 @@ class CollapseGuard:
         finite = torch.isfinite(theta).all(dim=1, keepdim=True)
         if bool(finite.all()):
             return None
-        self._replaced = max(self._replaced, 1.0 - float(finite.float().mean()))
+        # Recorded here, not by the transformer's hook: the consistency loss runs the localisation
+        # net with no transformer forward after it, and its step must be judged all the same.
+        self._record({"blank": 0.0, "std_ratio": 1.0, "nonfinite_theta": 1.0 - float(finite.float().mean()), "bad_det": 0.0})
         if getattr(transform, "num_params", None) != theta.shape[1]:
             return None  # no known identity: the warp will raise its own clear error
         identity = transform.identity(theta.shape[0], device=theta.device, dtype=theta.dtype)
@@ -192,9 +193,9 @@ class CollapseGuard:
         if not module.training or not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             return
         with torch.no_grad():
-            stats = self.measure(module.transform, module.last_theta, args[0], output)
-        stats["nonfinite_theta"] = max(stats["nonfinite_theta"], self._replaced)
-        self._replaced = 0.0
+            self._record(self.measure(module.transform, module.last_theta, args[0], output))
+
+    def _record(self, stats: dict[str, float]) -> None:
         self._pending.append(stats)
         del self._pending[:-16]  # forward passes nobody checks must not pile up
 
@@ -248,11 +249,6 @@ class CollapseGuard:
     def check(self, step: int) -> str | None:
         """Judge the forward passes since the last call: a one-line reason when the step must be skipped, else None."""
         pending, self._pending = self._pending, []
-        if self._replaced > 0:
-            # A localisation pass that no transformer forward followed (the consistency loss calls
-            # predict_theta directly): judge its replaced rows at this step, not the next one.
-            pending.append({"blank": 0.0, "std_ratio": 1.0, "nonfinite_theta": self._replaced, "bad_det": 0.0})
-            self._replaced = 0.0
         for stats in pending:
             reason = self._judge(stats)
             if reason is not None:
