@@ -46,7 +46,7 @@ from stnkit.data import DistortedMNIST
 from stnkit.data.digits import load_digit_sample
 from stnkit.models.classifiers import classifier
 from stnkit.sampling.fused import kernel_status
-from stnkit.training import TrainConfig, consistency_loss, random_similarity, tune_cpu_allocator
+from stnkit.training import TrainConfig, sampled_consistency_loss, tune_cpu_allocator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by a test
 from _machine import cpu_model, load_average, write_report  # noqa: E402
@@ -75,11 +75,10 @@ class Runner:
             loss = F.cross_entropy(self.model(x), y)
             if self.consistency:
                 # As stnkit train --consistency W does it, with its default similarity ranges.
-                similarity = random_similarity(
-                    len(x), tuple(x.shape[-2:]), rotation=DEFAULTS.consistency_rotation,
-                    scale=DEFAULTS.consistency_scale, shift=DEFAULTS.consistency_shift, device=x.device,
+                loss = loss + self.consistency * sampled_consistency_loss(
+                    self.model.transformer, x, rotation=DEFAULTS.consistency_rotation,
+                    scale=DEFAULTS.consistency_scale, shift=DEFAULTS.consistency_shift,
                 )  # fmt: skip
-                loss = loss + self.consistency * consistency_loss(self.model.transformer, x, similarity)
             loss.backward()
             self.optimiser.step()
             if x.is_cuda:

@@ -13,7 +13,7 @@ from stnkit.models.classifiers import classifier
 from stnkit.modules import SpatialTransformer
 from stnkit.sampling import warp
 from stnkit.transforms.base import norm_from_pix, normalised_pixel_centres, pix_from_norm
-from stnkit.training.consistency import consistency_loss, random_similarity
+from stnkit.training.consistency import consistency_loss, random_similarity, sampled_consistency_loss
 from stnkit.training.metrics_log import METRICS_COLUMNS, MetricsLog, read_metrics
 from stnkit.training.trainer import TrainConfig, Trainer
 
@@ -168,6 +168,20 @@ def test_bad_input_is_refused():
         consistency_loss(transformer, x, torch.eye(3).expand(3, 3, 3))
     with pytest.raises(ValueError, match=r"x must be a floating \(N, C, H, W\) tensor"):
         consistency_loss(transformer, torch.rand(2, 16, 16), similarity)
+
+
+def test_the_sampled_loss_is_the_loss_of_a_fresh_random_similarity():
+    transformer = SpatialTransformer(BackwardsLocaliser())
+    x = blobs(5)
+    ranges = dict(rotation=15.0, scale=0.1, shift=0.1)
+    similarity = random_similarity(5, (32, 32), **ranges, generator=torch.Generator().manual_seed(7))
+    expected = consistency_loss(transformer, x, similarity)
+    sampled = sampled_consistency_loss(transformer, x, **ranges, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(sampled, expected)
+    with pytest.raises(ValueError, match=r"x must be a floating \(N, C, H, W\) tensor, got torch.Size\(\[5, 32, 32\]\)"):
+        sampled_consistency_loss(transformer, x[:, 0], **ranges)
+    with pytest.raises(ValueError, match="shift must be a finite number >= 0"):
+        sampled_consistency_loss(transformer, x, rotation=15.0, scale=0.1, shift=-1.0)
 
 
 # --- training with it ------------------------------------------------------------

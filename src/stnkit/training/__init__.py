@@ -1,7 +1,7 @@
 """Training loops: classification (checkpoints, metrics, exact resume) and aligner training."""
 
 from .allocator import tune_cpu_allocator
-from .consistency import consistency_loss, random_similarity
+from .consistency import consistency_loss, random_similarity, sampled_consistency_loss
 from .metrics_log import METRICS_COLUMNS, read_metrics
 from .plots import plot_learning_curve
 from .trainer import TrainConfig, Trainer, TrainResult, evaluate, learning_rate_at, seed_everything
@@ -19,4 +19,5 @@ __all__ = [
     "tune_cpu_allocator",
     "consistency_loss",
     "random_similarity",
+    "sampled_consistency_loss",
 ]

@@ -34,7 +34,7 @@ from stnkit.modules import SpatialTransformer
 from stnkit.sampling import warp
 from stnkit.transforms import MatrixTransform
 
-__all__ = ["random_similarity", "consistency_loss"]
+__all__ = ["random_similarity", "consistency_loss", "sampled_consistency_loss"]
 
 # Corners of the canonical frame, homogeneous columns (3, 4).
 _CORNERS = ((-1.0, 1.0, 1.0, -1.0), (-1.0, -1.0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0))
@@ -135,3 +135,40 @@ def consistency_loss(transformer: SpatialTransformer, x: Tensor, transform_matri
         mapped = relative @ corners
         mapped = mapped[:, :2] / mapped[:, 2:]
         return (mapped - corners[:2]).square().sum(dim=1).mean()
+
+
+def sampled_consistency_loss(
+    transformer: SpatialTransformer,
+    x: Tensor,
+    *,
+    rotation: float,
+    scale: float,
+    shift: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """:func:`consistency_loss` with a fresh :func:`random_similarity` ``T`` per image.
+
+    This is one training step's term of ``stnkit train --consistency W``.
+
+    Args:
+        transformer: as for :func:`consistency_loss`.
+        x: ``(N, C, H, W)`` images.
+        rotation, scale, shift: the ranges of ``T``, as for :func:`random_similarity`.
+        generator: for reproducible draws.
+
+    Returns:
+        A scalar, as :func:`consistency_loss` returns it.
+
+    Convention: backward maps (output -> input), normalised coordinates.
+
+    Examples
+    --------
+    >>> loss = sampled_consistency_loss(model.transformer, x, rotation=20, scale=0.1, shift=0.1)  # doctest: +SKIP
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    similarity = random_similarity(
+        len(x), tuple(x.shape[-2:]), rotation=rotation, scale=scale, shift=shift,
+        generator=generator, device=x.device, dtype=x.dtype,
+    )  # fmt: skip
+    return consistency_loss(transformer, x, similarity)

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from stnkit.models.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from stnkit.models.registry import build_model, resolve_config
 from stnkit.models.registry import model_config as stored_model_config
-from stnkit.training.consistency import consistency_loss, random_similarity
+from stnkit.training.consistency import sampled_consistency_loss
 from stnkit.training.distributed import setup_distributed
 from stnkit.training.guards import CollapseGuard
 from stnkit.training.metrics_log import MetricsLog
@@ -587,12 +587,11 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), y)
         consistency = None
         if self._consistent_transformer is not None:
-            similarity = random_similarity(
-                len(x), tuple(x.shape[-2:]), rotation=self.config.consistency_rotation,
-                scale=self.config.consistency_scale, shift=self.config.consistency_shift, device=x.device,
-            )  # fmt: skip
             with self._autocast():
-                consistency = consistency_loss(self._consistent_transformer, x, similarity).float()
+                consistency = sampled_consistency_loss(
+                    self._consistent_transformer, x, rotation=self.config.consistency_rotation,
+                    scale=self.config.consistency_scale, shift=self.config.consistency_shift,
+                ).float()  # fmt: skip
             loss = loss + self.config.consistency_weight * consistency
         # A collapsed transform gets the same policy as a non-finite loss (skip, then roll back).
         collapse = self.guard.check(self.step + 1) if self.guard is not None else None
