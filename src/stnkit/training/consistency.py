@@ -104,8 +104,13 @@ def consistency_loss(transformer: SpatialTransformer, x: Tensor, transform_matri
 
     Examples
     --------
-    >>> loss = consistency_loss(model.transformer, x, random_similarity(len(x), x.shape[-2:],
-    ...                         rotation=20, scale=0.1, shift=0.1))  # doctest: +SKIP
+    >>> from stnkit.models.classifiers import classifier
+    >>> model = classifier("st-cnn", "affine", (28, 28))  # its transformer starts at the identity
+    >>> x = torch.rand(4, 1, 28, 28)
+    >>> shift = torch.eye(3).repeat(4, 1, 1)
+    >>> shift[:, 0, 2] = 0.1  # T samples 0.1 to the right, so each corner moves by 0.1
+    >>> round(consistency_loss(model.transformer, x, shift).item(), 4)  # M1 = M2 = I: T's own 0.1 ** 2
+    0.01
     """
     if not isinstance(transformer, SpatialTransformer):
         raise TypeError(f"transformer must be a SpatialTransformer, got {type(transformer).__name__}")
@@ -163,7 +168,12 @@ def sampled_consistency_loss(
 
     Examples
     --------
-    >>> loss = sampled_consistency_loss(model.transformer, x, rotation=20, scale=0.1, shift=0.1)  # doctest: +SKIP
+    >>> from stnkit.models.classifiers import classifier
+    >>> model = classifier("st-cnn", "affine", (28, 28))
+    >>> x = torch.rand(4, 1, 28, 28)
+    >>> loss = sampled_consistency_loss(model.transformer, x, rotation=20, scale=0.1, shift=0.1)
+    >>> loss.shape, bool(loss > 0)  # > 0: a transformer that ignores the image scores T itself
+    (torch.Size([]), True)
     """
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a floating (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
