@@ -40,6 +40,11 @@ __all__ = ["random_similarity", "consistency_loss", "sampled_consistency_loss"]
 _CORNERS = ((-1.0, 1.0, 1.0, -1.0), (-1.0, -1.0, 1.0, 1.0), (1.0, 1.0, 1.0, 1.0))
 
 
+def _check_images(x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+
+
 def random_similarity(
     batch: int,
     size: tuple[int, int],
@@ -119,8 +124,7 @@ def consistency_loss(transformer: SpatialTransformer, x: Tensor, transform_matri
             f"the consistency loss needs a transform with a matrix (affine, projective, similarity, ...), "
             f"got {transformer.transform.name!r}"
         )
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    _check_images(x)
     batch = x.shape[0]
     if not isinstance(transform_matrix, Tensor) or transform_matrix.shape != (batch, 3, 3):
         raise ValueError(f"transform_matrix must be ({batch}, 3, 3), got {getattr(transform_matrix, 'shape', None)}")
@@ -175,8 +179,7 @@ def sampled_consistency_loss(
     >>> loss.shape, bool(loss > 0)  # > 0: a transformer that ignores the image scores T itself
     (torch.Size([]), True)
     """
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    _check_images(x)
     similarity = random_similarity(
         len(x), tuple(x.shape[-2:]), rotation=rotation, scale=scale, shift=shift,
         generator=generator, device=x.device, dtype=x.dtype,
