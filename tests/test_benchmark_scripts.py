@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -119,8 +120,13 @@ def test_cpu_step_reports_every_variant_against_plain_conv2d(tmp_path, monkeypat
     assert load_script("cpu_step").main(["--quick", "--threads", "1", "--out", str(out)]) == 0
     rows = [line for line in out.read_text(encoding="utf-8").splitlines() if line.startswith(("| cnn |", "| st-cnn |"))]
     assert len(rows) == 8  # 2 models x 2 first convolutions x 2 allocator settings
-    # Each model's baseline (nn.Conv2d, glibc's default allocator) is 1.00x by definition.
-    assert [row.split("|")[2:4] for row in rows if row.endswith("| 1.00x |")] == [[" nn.Conv2d ", " glibc default "]] * 2
+    # Each model's baseline (nn.Conv2d, glibc's default allocator) is 1.00x by definition. Other
+    # variants may also round to 1.00x on a given run, so only the baselines are checked.
+    cells = [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows]
+    baselines = [c for c in cells if c[1:3] == ["nn.Conv2d", "glibc default"]]
+    assert [c[0] for c in baselines] == ["cnn", "st-cnn"]
+    assert all(c[-1] == "1.00x" for c in baselines)
+    assert all(re.fullmatch(r"\d+\.\d\dx", c[-1]) for c in cells)
 
 
 def test_train_speed_reports_the_transformer_share_and_the_allocator(tmp_path):
