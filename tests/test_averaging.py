@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from stnkit.cli.main import main
-from stnkit.models import average_checkpoints, load_checkpoint, load_model, save_checkpoint
+from stnkit.models import Ensemble, average_checkpoints, load_checkpoint, load_model, save_checkpoint
 from stnkit.models.registry import build_model, register_model
 
 
@@ -114,3 +114,31 @@ def test_cli_average(tmp_path, capsys):
     assert main(["average", str(a), "-o", str(out), "--overwrite"]) == 1
     assert "at least two checkpoints, got 1" in capsys.readouterr().err
     assert main(["average", str(a), str(b), "-o", str(out), "--overwrite"]) == 0
+
+
+def test_ensemble_returns_the_log_of_the_mean_probability(tmp_path):
+    members = [load_model(trained_checkpoint(tmp_path / f"{seed}.safetensors", seed)) for seed in (1, 2, 3)]
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        expected = torch.stack([member(x).softmax(1) for member in members]).mean(0)
+        output = Ensemble(members)(x)
+    torch.testing.assert_close(output.exp(), expected)
+    assert output.shape == (5, 3)
+
+
+def test_ensemble_stays_finite_where_a_probability_underflows():
+    class Confident(nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 1e4, -1e4]]).expand(len(x), 3), "second output ignored"
+
+    output = Ensemble([Confident(), Confident()])(torch.zeros(2, 1))
+    assert torch.isfinite(output).all() and output.argmax(1).tolist() == [1, 1]  # softmax-then-log gives -inf
+
+
+def test_ensemble_errors_name_the_problem():
+    with pytest.raises(ValueError, match="at least two members, got 1"):
+        Ensemble([nn.Linear(2, 3)])
+    with pytest.raises(TypeError, match="member 1 must be an nn.Module, got function"):
+        Ensemble([nn.Linear(2, 3), lambda x: x])
+    with pytest.raises(ValueError, match=r"member 1 returned logits of shape \(4, 5\), member 0 returned \(4, 3\)"):
+        Ensemble([nn.Linear(2, 3), nn.Linear(2, 5)])(torch.zeros(4, 2))

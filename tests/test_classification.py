@@ -12,9 +12,11 @@ import torch.nn.functional as F
 import stnkit
 from stnkit.data.digits import load_digit_sample
 from stnkit.data.distortions import DistortedMNIST
-from stnkit.models import MODEL_NAMES, classifier, count_parameters, load_model
+from stnkit.cli._options import task_splits
+from stnkit.models import MODEL_NAMES, Ensemble, classifier, count_parameters, load_model
 from stnkit.models.checkpoint import load_checkpoint
 from stnkit.training.metrics_log import read_metrics
+from stnkit.training.trainer import evaluate
 
 from conftest import run_cli
 
@@ -242,6 +244,31 @@ def test_cli_eval_iterations_sets_the_transformer_rounds(tmp_path, capsys):
     code, _, err = run_cli(["eval", str(tmp_path / "cnn" / "checkpoints" / "last.safetensors"), "--task", "rotated",
                             "--digit-sample", "--iterations", "2"], capsys)  # fmt: skip
     assert code == 1 and "no spatial transformer" in err
+
+
+def test_cli_eval_scores_several_checkpoints_and_their_ensemble(tmp_path, capsys):
+    paths = []
+    for seed in (1, 2):
+        run = tmp_path / f"run{seed}"
+        code, _, err = run_cli(["train", *small_rotated_run(run), "--epochs", "1", "--model", "cnn", "--seed", str(seed)], capsys)
+        assert code == 0, err
+        paths.append(str(run / "checkpoints" / "last.safetensors"))
+    evaluate_args = ["--task", "rotated", "--digit-sample", "--test-limit", "64", "--json"]
+    singles = []
+    for path in paths:
+        code, stdout, err = run_cli(["eval", path, *evaluate_args], capsys)
+        assert code == 0, err
+        singles.append(json.loads(stdout)["test_error"])
+    code, stdout, err = run_cli(["eval", *paths, *evaluate_args], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["checkpoint"] == paths and report["member_errors"] == singles
+    _, test = task_splits("rotated", None, True)
+    x, y = test.epoch(0)
+    expected = evaluate(Ensemble([load_model(path) for path in paths]), x[:64], y[:64])
+    assert report["test_error"] == expected
+    code, _, err = run_cli(["eval", paths[0], str(tmp_path / "missing.safetensors"), *evaluate_args], capsys)
+    assert code == 1 and "missing.safetensors" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_val_size_holds_digits_out_and_picks_best(tmp_path, capsys):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from .averaging import average_checkpoints
+from .averaging import Ensemble, average_checkpoints
 from .checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint, shipped_models
 from .classifiers import MODEL_NAMES, STClassifier, build_classifier, classifier, count_parameters
 from .registry import build_model, model_config, model_kinds, register_model, resolve_config
 
 __all__ = [
     "average_checkpoints",
+    "Ensemble",
     "Checkpoint",
     "load_checkpoint",
     "load_model",

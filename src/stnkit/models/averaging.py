@@ -1,4 +1,4 @@
-"""Average the weights of several checkpoints of one architecture.
+"""Average several classifiers: their weights (one model) or their predictions (an ensemble).
 
 Averaging weights, rather than predictions, gives one model that costs what
 one model costs at test time. It works when the checkpoints lie in one basin
@@ -7,7 +7,9 @@ Izmailov et al., "Averaging Weights Leads to Wider Optima and Better
 Generalization", 2018), or fine-tunes that started from the same weights
 (Wortsman et al., "Model soups", 2022). Checkpoints trained from different
 random initialisations do not share a basin, and their average is usually
-much worse than either.
+much worse than either. Such models can still be combined by averaging their
+predicted class probabilities (:class:`Ensemble`), at the cost of running
+every member.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import math
+
 import torch
+from torch import nn
 
 from .checkpoint import Checkpoint, _model_from_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["average_checkpoints"]
+__all__ = ["Ensemble", "average_checkpoints"]
 
 
 def average_checkpoints(
@@ -113,3 +118,64 @@ def _check_same_model(first: Checkpoint, other: Checkpoint) -> None:
         if theirs.shape != tensor.shape or theirs.dtype != tensor.dtype:
             raise ValueError(f"{other.path}: tensor {name!r} is {theirs.dtype} {tuple(theirs.shape)}, "
                              f"{first.path} has {tensor.dtype} {tuple(tensor.shape)}")
+
+
+class Ensemble(nn.Module):
+    """A classifier that averages the class probabilities of several classifiers.
+
+    Unlike :func:`average_checkpoints`, the members need not share a basin,
+    an architecture or even an input pipeline beyond the input shape: each
+    runs on the same batch and their softmax outputs are averaged. The cost is
+    the sum of the members' costs.
+
+    Parameters
+    ----------
+    members : sequence of nn.Module
+        Two or more classifiers; each maps ``(N, C, H, W)`` to logits
+        ``(N, classes)`` (or a tuple starting with them), all with the same
+        number of classes.
+
+    Returns
+    -------
+    Tensor
+        ``forward`` returns the log of the mean probability, ``(N, classes)``:
+        log-probabilities, usable wherever logits are (``argmax``,
+        ``cross_entropy``).
+
+    Raises
+    ------
+    ValueError
+        Fewer than two members; members whose outputs differ in shape.
+    TypeError
+        A member that is not an ``nn.Module``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from stnkit.models import classifier
+    >>> members = [classifier("cnn", None, (28, 28)) for _ in range(2)]
+    >>> Ensemble(members).eval()(torch.rand(3, 1, 28, 28)).exp().sum(1)
+    tensor([1.0000, 1.0000, 1.0000], grad_fn=<SumBackward1>)
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        members = list(members)
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+        for index, member in enumerate(members):
+            if not isinstance(member, nn.Module):
+                raise TypeError(f"ensemble member {index} must be an nn.Module, got {type(member).__name__}")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probabilities = []
+        for index, member in enumerate(self.members):
+            output = member(x)
+            logits = output[0] if isinstance(output, tuple) else output
+            if log_probabilities and logits.shape != log_probabilities[0].shape:
+                raise ValueError(f"ensemble member {index} returned logits of shape {tuple(logits.shape)}, "
+                                 f"member 0 returned {tuple(log_probabilities[0].shape)}")
+            log_probabilities.append(torch.log_softmax(logits, dim=1))
+        # log(mean p) computed as logsumexp(log p) - log k: no underflow to log(0).
+        return torch.logsumexp(torch.stack(log_probabilities), dim=0) - math.log(len(log_probabilities))
