@@ -14,11 +14,10 @@ every member.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-
-import math
 
 import torch
 from torch import nn
