@@ -302,3 +302,24 @@ def test_a_checkpoint_on_a_task_of_another_size_is_refused(tmp_path, capsys, arg
     code, _, err = run_cli([arg.format(tmp=tmp_path) for arg in args], capsys)
     assert code != 0 and "takes 42x42 inputs but task" in err and "28x28 images" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists() and not (tmp_path / "fig.png").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "table1", "train-aligner"])
+def test_cli_threads_sets_torch_threads_and_warns_past_the_cores(command, tmp_path, capsys, monkeypatch):
+    import stnkit.cli._options as options
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # the test process keeps its own count
+    monkeypatch.setattr(options, "usable_cores", lambda: 2)
+    # --threads is applied while the options are parsed, before the command fails on its other (bad) input.
+    base = {"train": ["train", "--resume", "--out", str(tmp_path / "none")],
+            "eval": ["eval", str(tmp_path / "missing.safetensors"), "--digit-sample"],
+            "table1": ["table1", "--cell", "bad", "--out", str(tmp_path / "t")],
+            "train-aligner": ["train-aligner", "--out", str(tmp_path / "a")]}[command]
+    code, _, err = run_cli([*base, "--threads", "1"], capsys)
+    assert code == 1 and calls == [1] and "warning" not in err
+    code, _, err = run_cli([*base, "--threads", "3"], capsys)
+    assert code == 1 and calls == [1, 3]
+    assert "--threads 3 is more than the 2 cores" in err
+    code, _, err = run_cli([*base, "--threads", "0"], capsys)
+    assert code == 2 and "--threads" in err and calls == [1, 3]

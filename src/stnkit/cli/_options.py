@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import os
+
 import click
 import torch
 
@@ -31,6 +33,38 @@ def data_options(function: Callable) -> Callable:
         "--task", type=click.Choice(TASK_NAMES), default="rts", help="Distorted-MNIST task (ST paper, Appendix A)."
     )(function)
     return function
+
+
+def usable_cores() -> int:
+    """How many cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _set_threads(context: click.Context, parameter: click.Parameter, threads: int | None) -> None:
+    if threads is None:
+        return
+    cores = usable_cores()
+    if threads > cores:
+        # Not an error: the user may know better (e.g. hyper-threads), but it is the usual cause of a 3x slowdown.
+        click.echo(f"warning: --threads {threads} is more than the {cores} cores this process may use; "
+                   "threads that share a core slow each other down", err=True)
+    torch.set_num_threads(threads)
+
+
+def threads_option(function: Callable) -> Callable:
+    """Add ``--threads N``, which calls ``torch.set_num_threads(N)`` before the command runs.
+
+    Left out, torch's own count applies (``OMP_NUM_THREADS``, else one per core). Runs side by side
+    should together use at most one thread per core: on two cores, a two-thread run beside a
+    one-thread run trained ~3x slower than alone (``docs/speed.md``).
+    """
+    return click.option(
+        "--threads", type=click.IntRange(min=1), default=None, expose_value=False, callback=_set_threads,
+        help="CPU threads for this command (torch.set_num_threads) [default: $OMP_NUM_THREADS, else one per core].",
+    )(function)
 
 
 def check_model_fits_task(model: torch.nn.Module, checkpoint: Any, task: str) -> None:

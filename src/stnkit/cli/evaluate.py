@@ -10,7 +10,7 @@ import torch
 
 from ..models import Ensemble, load_model
 from ..training.trainer import evaluate
-from ._options import check_model_fits_task, data_options, limit, task_splits
+from ._options import check_model_fits_task, data_options, limit, task_splits, threads_option
 from .main import CLIError
 
 
@@ -21,6 +21,7 @@ from .main import CLIError
 @click.option("--test-limit", type=int, default=None, help="Evaluate on only the first N test digits.")
 @click.option("--batch-size", type=int, default=1000)
 @click.option("--device", default="cpu")
+@threads_option
 @click.option("--iterations", type=click.IntRange(min=1), default=None,
               help="Run the spatial transformer this many rounds (same weights) instead of the checkpoint's own count.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")

@@ -12,7 +12,7 @@ import torch
 
 from ..models.classifiers import classifier, count_parameters
 from ..training.trainer import LAST_CHECKPOINT, TrainConfig, Trainer
-from ._options import limit, run_info, task_splits
+from ._options import limit, run_info, task_splits, threads_option
 from .main import CLIError
 
 #: Test error (%) reported in Table 1 of Jaderberg et al. (2015), by (model, transform) and task code.
@@ -53,6 +53,7 @@ def parse_cell(text: str) -> tuple[str, str, str | None]:
 @click.option("--loc-lr-scale", type=float, default=0.3)
 @click.option("--seed", type=int, default=0)
 @click.option("--device", default="cpu")
+@threads_option
 @click.option("--resume/--no-resume", default=True, help="Keep cells already finished in --out.")
 @click.option("--progress/--no-progress", default=True)
 def command(cells, out_dir, data_root, epochs, batch_size, optimizer, lr, loc_lr_scale, seed, device, resume, progress):

@@ -13,7 +13,7 @@ from ..models.checkpoint import load_checkpoint, load_model
 from ..models.classifiers import MODEL_NAMES, classifier, count_parameters
 from ..models.invariance_models import INVARIANCE_VARIANTS, invariance_model
 from ..training.trainer import LAST_CHECKPOINT, TrainConfig, Trainer, resolve_device
-from ._options import check_model_fits_task, data_options, hold_out, limit, run_info, task_splits
+from ._options import check_model_fits_task, data_options, hold_out, limit, run_info, task_splits, threads_option
 from .main import CLIError
 
 # The STN variants of Finnveden et al. that `--model` accepts. Their plain "cnn" is left out on
@@ -72,6 +72,7 @@ STN_VARIANTS = tuple(name for name in INVARIANCE_VARIANTS if name.startswith("st
 @click.option("--eval-every", type=int, default=0, help="Steps between test evaluations (0: epoch ends).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps in total (resume continues).")
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:N or auto.")
+@threads_option
 @click.option(
     "--data-device", type=click.Choice(["train", "cpu"]), default="train", show_default=True,
     help="Where each epoch's distortions are warped: on the training device, or on the CPU (the test set always is).",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ._options import threads_option
 from .main import CLIError
 
 
@@ -33,7 +34,7 @@ from .main import CLIError
 @click.option("--eval-every", type=click.IntRange(min=1), default=100, help="Steps between validations.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, help="Steps between checkpoints.")
 @click.option("--seed", type=int, default=0)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch.set_num_threads for the run.")
+@threads_option
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun, cuda picks cuda:LOCAL_RANK).")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default="off",
               help="Mixed precision: bf16 autocast (CPU or GPU), fp16 with a gradient scaler (GPU).")
@@ -43,7 +44,7 @@ from .main import CLIError
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def command(images_dir, builtin, family, out_dir, steps, batch_size, lr, size, iterations, fusion, rho, photometric_weight,
-            photometric_loss, eval_every, checkpoint_every, seed, threads, device, amp, init, resume, overwrite, progress) -> None:
+            photometric_loss, eval_every, checkpoint_every, seed, device, amp, init, resume, overwrite, progress) -> None:
     """Train an aligner on synthetic warps of training images (no labels needed).
 
     Validation pairs come from the built-in held-out photos with --builtin,
@@ -68,6 +69,6 @@ def command(images_dir, builtin, family, out_dir, steps, batch_size, lr, size, i
         images, family, out_dir, steps, batch_size, lr, size=(size, size), iterations=iterations, fusion=fusion, ranges=ranges,
         photometric_weight=photometric_weight, photometric_kind=photometric_loss, val_images=val_images,
         eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed, init=init, resume=resume, overwrite=overwrite,
-        num_threads=threads, device=device, amp=amp, progress=progress, log=click.echo,
+        device=device, amp=amp, progress=progress, log=click.echo,
     )
     click.echo(f"aligner written to {Path(out_dir) / 'aligner.safetensors'}")
