@@ -304,7 +304,7 @@ def test_a_checkpoint_on_a_task_of_another_size_is_refused(tmp_path, capsys, arg
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists() and not (tmp_path / "fig.png").exists()
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "table1", "train-aligner"])
+@pytest.mark.parametrize("command", ["train", "eval", "table1", "train-aligner", "invariance"])
 def test_cli_threads_sets_torch_threads_and_warns_past_the_cores(command, tmp_path, capsys, monkeypatch):
     import stnkit.cli._options as options
 
@@ -315,7 +315,8 @@ def test_cli_threads_sets_torch_threads_and_warns_past_the_cores(command, tmp_pa
     base = {"train": ["train", "--resume", "--out", str(tmp_path / "none")],
             "eval": ["eval", str(tmp_path / "missing.safetensors"), "--digit-sample"],
             "table1": ["table1", "--cell", "bad", "--out", str(tmp_path / "t")],
-            "train-aligner": ["train-aligner", "--out", str(tmp_path / "a")]}[command]
+            "train-aligner": ["train-aligner", "--out", str(tmp_path / "a")],
+            "invariance": ["invariance", str(tmp_path / "missing.safetensors"), "--digit-sample"]}[command]
     code, _, err = run_cli([*base, "--threads", "1"], capsys)
     assert code == 1 and calls == [1] and "warning" not in err
     code, _, err = run_cli([*base, "--threads", "3"], capsys)

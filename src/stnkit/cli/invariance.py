@@ -21,7 +21,7 @@ from ..data.digits import load_digit_sample
 from ..data.distortions import get_task
 from ..evaluation.invariance import DEFAULT_RANGES, TRANSFORM_KINDS, canvas_digits, measure_invariance
 from ..models import load_model
-from ._options import check_model_fits_task, data_options
+from ._options import check_model_fits_task, data_options, threads_option
 from .main import CLIError
 
 
@@ -50,6 +50,7 @@ def _values(transform: str, value_range: tuple[float, float] | None, steps: int)
 @click.option("--count", type=int, default=1000, help="Number of test digits.")
 @click.option("--batch-size", type=int, default=250)
 @click.option("--device", default="cpu")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Also write a plot (PNG) here.")
 def command(checkpoint, task, data_root, digit_sample, transform, value_range, steps, count, batch_size, device, as_json, plot_path):
